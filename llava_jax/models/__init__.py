@@ -1,0 +1,1 @@
+"""Flax models: CLIP vision tower (`clip`), LLaMA/Vicuna decoder (`llama`), LLaVA (`llava`)."""

@@ -1,0 +1,133 @@
+"""Building blocks shared by the CLIP and LLaMA models.
+
+Every parameter is created through `param_init`, which attaches logical axis names
+(`embed`, `mlp`, `heads`, `kv_heads`, `vocab`, `layers`, ...) so the sharding rules can
+place it without knowing which model it belongs to.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Remat policies for the scanned layer body; "none" keeps every activation.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def as_dtype(name: str) -> Any:
+    """Maps a config dtype string to a JAX dtype, with a clear error for typos."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def param_init(init: Callable, axes: Sequence[str | None]) -> Callable:
+    """An initializer whose parameter carries logical axis names."""
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool, dtype: Any,
+          param_dtype: Any, name: str, std: float = 0.02) -> nn.Dense:
+    """nn.Dense with kernel [in, out] named by `axes` (HF stores [out, in]; convert transposes)."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=param_init(nn.initializers.normal(std), axes),
+        bias_init=param_init(nn.initializers.zeros, (axes[1],)),
+        precision=None,
+        name=name,
+    )
+
+
+def layer_norm(eps: float, dtype: Any, param_dtype: Any, name: str) -> nn.LayerNorm:
+    # use_fast_variance=False: E[x^2]-E[x]^2 loses digits against torch's two-pass variance.
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+        scale_init=param_init(nn.initializers.ones, ("norm",)),
+        bias_init=param_init(nn.initializers.zeros, ("norm",)), name=name)
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm: normalise in float32, cast back, then scale (HF's order of casts)."""
+
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", param_init(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "linear": lambda x: x,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax attention with grouped-query heads.
+
+    q: [B, T, H, D]; k, v: [B, S, K, D] with H % K == 0; mask: bool [B, T, S] or None.
+    Softmax runs in float32. Fully masked rows (left-pad queries) get a finite large
+    negative logit everywhere, so they stay finite instead of turning into NaN.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / np.sqrt(d)
+    if mask is not None:
+        big_neg = jnp.finfo(jnp.float32).min
+        logits = jnp.where(mask[:, None, None, :, :], logits, big_neg)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def scan_layers(layer_cls: type[nn.Module], num_layers: int, remat_policy: str,
+                num_broadcast: int) -> type[nn.Module]:
+    """Wraps a layer (signature `(carry, *broadcast_args) -> (carry, out)`) in remat + nn.scan.
+
+    Params get a leading `layers` axis, so compile time does not grow with depth.
+    """
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+    if remat_policy != "none":
+        layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    return nn.scan(
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * num_broadcast,
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )

@@ -1,0 +1,193 @@
+"""LLaMA / Vicuna decoder (LLaMA-2 and LLaMA-3 style) in Flax Linen.
+
+RMSNorm, rotary embeddings with configurable theta (and LLaMA-3 / linear frequency
+scaling), SwiGLU, grouped-query attention, optional tied embeddings. Layers are scanned
+(params carry a leading `layers` axis). Batches are LEFT padded: positions follow the
+attention mask, so a padded prompt sees the same positions as an unpadded one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llava_jax.models.layers import RMSNorm, as_dtype, attention, dense, param_init, scan_layers
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | llama3
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 scaling only
+    rope_high_freq_factor: float = 4.0  # llama3 scaling only
+    rope_original_max_position: int = 8192  # llama3 scaling only
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+    # Runtime knobs (not part of the HF architecture).
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat_policy: str = "none"  # see layers.REMAT_POLICIES
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope_type {self.rope_type!r}; expected one of {ROPE_TYPES}")
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Per-pair rotation frequencies, float32, with the configured scaling applied."""
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    if cfg.rope_type == "linear":
+        inv_freq = inv_freq / np.float32(cfg.rope_factor)
+    elif cfg.rope_type == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+        old_len = cfg.rope_original_max_position
+        low_wavelen = old_len / cfg.rope_low_freq_factor
+        high_wavelen = old_len / cfg.rope_high_freq_factor
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+        smooth = (old_len / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        blended = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, blended, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_cos_sin(cfg: LlamaConfig, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, T, head_dim] for integer positions [B, T] (computed in float32)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates [B, T, H, D] by the half-split convention HF LLaMA weights are stored in."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Left padding: the first real token is position 0 (pads get 0 too; they are masked)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
+    """bool [B, T, T]: query i sees key j when j <= i and j is not padding."""
+    t = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    return causal[None] & attention_mask.astype(bool)[:, None, :]
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        cfg = self.config
+        kw = dict(use_bias=False, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype))
+        b, t, _ = x.shape
+        hd = cfg.head_dim
+        q = dense(cfg.num_heads * hd, ("embed", "heads"), name="q_proj", **kw)(x)
+        k = dense(cfg.num_kv_heads * hd, ("embed", "kv_heads"), name="k_proj", **kw)(x)
+        v = dense(cfg.num_kv_heads * hd, ("embed", "kv_heads"), name="v_proj", **kw)(x)
+        q = apply_rope(q.reshape(b, t, cfg.num_heads, hd), cos, sin)
+        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, hd), cos, sin)
+        v = v.reshape(b, t, cfg.num_kv_heads, hd)
+        q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
+        out = attention(q, k, v, mask).reshape(b, t, cfg.num_heads * hd)
+        return dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out)
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        kw = dict(use_bias=False, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype))
+        gate = dense(cfg.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = dense(cfg.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+        hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return dense(cfg.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(hidden)
+
+
+class LlamaLayer(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, mask, cos, sin):
+        cfg = self.config
+        norm = dict(eps=cfg.rms_norm_eps, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype))
+        x = x + LlamaAttention(cfg, name="attn")(RMSNorm(name="input_norm", **norm)(x), mask, cos, sin)
+        x = x + LlamaMLP(cfg, name="mlp")(RMSNorm(name="post_attn_norm", **norm)(x))
+        return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), None
+
+
+class Llama(nn.Module):
+    """Decoder-only LM. `__call__` gives float32 logits; `hidden` the final normed states."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        dtype, param_dtype = as_dtype(cfg.dtype), as_dtype(cfg.param_dtype)
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=param_init(nn.initializers.normal(0.02), ("vocab", "embed")))
+        self.layers = scan_layers(LlamaLayer, cfg.num_layers, cfg.remat_policy, num_broadcast=3)(cfg)
+        self.norm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
+                                 param_dtype=param_dtype, name="lm_head")
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.embed_tokens(input_ids)
+
+    def hidden(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+        """Final RMS-normed hidden states [B, T, D] for embedded inputs [B, T, D]."""
+        b, t, _ = inputs_embeds.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        cos, sin = rope_cos_sin(self.config, positions, as_dtype(self.config.dtype))
+        x = nn.with_logical_constraint(inputs_embeds.astype(as_dtype(self.config.dtype)),
+                                       ("batch", "length", "act_embed"))
+        x, _ = self.layers(x, causal_padding_mask(attention_mask), cos, sin)
+        return self.norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.config.tie_word_embeddings:
+            out = self.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.hidden(self.embed(input_ids), attention_mask, positions))
