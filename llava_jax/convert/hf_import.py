@@ -98,6 +98,8 @@ def _read_into(filler: _ParamFiller, directory: str, layout: str) -> None:
             canonical = hf_keys.canonical_name(name, layout)
             if canonical is not None:
                 filler.put(name, canonical, lambda n=name: source.get(n))
+    if filler.unknown:
+        raise ConversionError(f"unknown keys in {directory}: {_listing(sorted(filler.unknown))}")
 
 
 def _vision_dir(hf: dict[str, Any], given: str | None, directory: str) -> str:
@@ -148,8 +150,6 @@ def load_hf(path: str, dtype: Any = jnp.float32, vision_tower: str | None = None
     _read_into(filler, path, layout)
     if layout != "llava_hf" and not tower_inside:
         _read_into(filler, vdir, "clip")
-    if filler.unknown:
-        raise ConversionError(f"unknown keys in {path}: {_listing(sorted(filler.unknown))}")
     fresh_projector = layout == "llama"
     missing = filler.missing(skip_prefix=("projector",) if fresh_projector else ())
     if missing:

@@ -37,7 +37,8 @@ LAYOUT_PREFIXES: dict[str, list[tuple[str, str]]] = {
     ],
     "llama": [("model.", LLM), ("lm_head.", LM_HEAD)],
     # CLIPModel or CLIPVisionModel directory: only the vision half is ours.
-    "clip": [("vision_model.", VISION)],
+    # transformers 5 saves CLIPVisionModel without the `vision_model.` prefix.
+    "clip": [("vision_model.", VISION), ("", VISION)],
 }
 # Names a layout may carry that hold no parameter of ours (buffers, CLIP's text half).
 IGNORED = {

@@ -66,16 +66,17 @@ class ClipMLP(nn.Module):
 
 class ClipLayer(nn.Module):
     config: ClipVisionConfig
+    keep_all: bool = False  # emit every layer's output (for all_hidden_states)
 
     @nn.compact
-    def __call__(self, x: jax.Array, keep_all: bool):
+    def __call__(self, x: jax.Array):
         cfg = self.config
         norm = (cfg.layer_norm_eps, as_dtype(cfg.dtype), as_dtype(cfg.param_dtype))
         x = x + ClipAttention(cfg, name="attn")(layer_norm(*norm, name="attn_norm")(x))
         x = x + ClipMLP(cfg, name="mlp")(layer_norm(*norm, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         # Emit every layer's output only when asked: stacking them costs L x activations.
-        return x, (x if keep_all else None)
+        return x, (x if self.keep_all else None)
 
 
 class ClipVision(nn.Module):
@@ -112,8 +113,9 @@ class ClipVision(nn.Module):
         x = x + pos.astype(dtype)[None]
         x = layer_norm(cfg.layer_norm_eps, dtype, param_dtype, name="pre_norm")(x)
 
-        layers = scan_layers(ClipLayer, cfg.num_layers, cfg.remat_policy, num_broadcast=1)(cfg, name="layers")
-        last, stacked = layers(x, all_hidden_states)
+        layers = scan_layers(ClipLayer, cfg.num_layers, cfg.remat_policy, num_broadcast=0)(
+            cfg, all_hidden_states, name="layers")
+        last, stacked = layers(x)
         out = {}
         if all_hidden_states:
             out["hidden_states"] = jnp.concatenate([x[None], stacked], axis=0)
@@ -137,6 +139,6 @@ class ClipVision(nn.Module):
         body = ClipLayer(self.config, parent=None)
 
         def step(h, layer_params):
-            return body.apply({"params": layer_params}, h, False)[0], None
+            return body.apply({"params": layer_params}, h)[0], None
 
         return jax.lax.scan(step, x, sliced)[0]
