@@ -345,7 +345,9 @@ def test_plain_llama_gets_fresh_projector(llama, clip):
                                   np_(csd["encoder.layers.0.self_attn.k_proj.weight"]).T)
     np.testing.assert_array_equal(params["vision"]["pos_embed"], np_(csd["embeddings.position_embedding.weight"]))
 
-    same_config, same = load_hf(src, vision_tower=clip_dir, seed=0)
+    np.testing.assert_array_equal(params["llm"]["embed_tokens"]["embedding"], np_(sd["model.embed_tokens.weight"]))
+    np.testing.assert_array_equal(params["llm"]["norm"]["scale"], np_(sd["model.norm.weight"]))
+    _, same = load_hf(src, vision_tower=clip_dir, seed=0)
     assert_trees_equal(same["projector"], proj)
     _, other = load_hf(src, vision_tower=clip_dir, seed=1)
     assert not np.array_equal(other["projector"]["linear_1"]["kernel"], proj["linear_1"]["kernel"])
@@ -375,6 +377,15 @@ def test_bfloat16_import_and_checkpoint_round_trip(llava_hf_mlp, root, capsys):
     assert {x.dtype for x in leaves(f32).values()} == {np.dtype(np.float32)}
     assert_trees_equal(f32, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params))
 
+    # A bfloat16 export is the source rounded to bfloat16, tensor for tensor.
+    export = str(root / "bf16_export")
+    export_hf(loaded_config, loaded, export)
+    hf = assert_hf_loads_clean(export)
+    ref_sd, got_sd = model.state_dict(), hf.state_dict()
+    assert sorted(got_sd) == sorted(ref_sd)
+    for key, ref in ref_sd.items():
+        assert got_sd[key].dtype == torch.bfloat16 and torch.equal(got_sd[key], ref.bfloat16()), key
+
     # The command line stores bfloat16 too.
     cli_path = str(root / "bf16_cli_ckpt")
     out = run_ok(["import", "--hf", src, "--out", cli_path, "--dtype", "bfloat16"], capsys)
@@ -394,15 +405,26 @@ def test_verify_command_prints_error(llava_hf_mlp, llava_hf_mlp_ckpt, capsys):
 
 
 def test_command_line_subprocess(llava_hf_mlp, root):
+    """The real command line: an import, then an export onto an existing directory, which must
+    end with exactly one `error:` line on stderr (no warnings or tracebacks) and status 2."""
+    script = os.path.join(REPO, "tools", "convert_hf.py")
     out = str(root / "subprocess_ckpt")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_hf.py"), "import",
-                           "--hf", llava_hf_mlp[1], "--out", out],
+    proc = subprocess.run([sys.executable, script, "import", "--hf", llava_hf_mlp[1], "--out", out],
                           capture_output=True, text=True, timeout=120, cwd=str(root))
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stdout and "projector=mlp2x_gelu" in proc.stdout
     config, params = load_checkpoint(out)
     assert config.projector_type == "mlp2x_gelu"
     assert_trees_equal(jax.tree_util.tree_map(np.asarray, params), load_hf(llava_hf_mlp[1])[1])
+
+    proc = subprocess.run([sys.executable, script, "export", "--ckpt", out, "--out", llava_hf_mlp[1]],
+                          capture_output=True, text=True, timeout=120, cwd=str(root))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "already exists" in lines[0], proc.stderr
+    assert proc.stdout == ""
+    assert sorted(os.listdir(llava_hf_mlp[1])) == ["config.json", "model.safetensors"]
+    assert not glob.glob(glob.escape(llava_hf_mlp[1]) + ".partial-*")
 
 
 # ----------------------------------------------------------------------------- 6. bad input

@@ -104,14 +104,22 @@ def _hf_llava_logits(model, ids, mask, pixels, has_image):
                      pixel_values=torch.tensor(pixels[has_image]).permute(0, 3, 1, 2)).logits.numpy()
 
 
-@pytest.fixture(scope="module", params=["mlp2x_gelu", "linear"])
-def llava_pair(request, tmp_path_factory):
-    hf = tiny_hf.llava_model(request.param, image_size=42)
-    d = str(tmp_path_factory.mktemp("llava"))
-    hf.save_pretrained(d)
-    config, params = load_hf(d)
-    assert config.projector_type == request.param
-    return hf, config, params
+@pytest.fixture(scope="module")
+def llava_models(tmp_path_factory):
+    out = {}
+    for projector in ("mlp2x_gelu", "linear"):
+        hf = tiny_hf.llava_model(projector, image_size=42)
+        d = str(tmp_path_factory.mktemp("llava"))
+        hf.save_pretrained(d)
+        config, params = load_hf(d)
+        assert config.projector_type == projector
+        out[projector] = (hf, config, params)
+    return out
+
+
+@pytest.fixture(params=["mlp2x_gelu", "linear"])
+def llava_pair(request, llava_models):
+    return llava_models[request.param]
 
 
 def test_llava_matches_hf_with_mixed_image_batch(llava_pair):
@@ -146,18 +154,18 @@ def test_bfloat16_compute_close_to_float32(llava_pair):
     assert tiny_hf.rel_error(np.asarray(bf16), f32, mask) <= 2e-2
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
-def test_remat_policies_do_not_change_gradients(llava_pair, policy):
-    _, config, params = llava_pair
+def test_remat_policies_do_not_change_gradients(llava_models):
+    _, config, params = llava_models["mlp2x_gelu"]
     ids, mask, pixels, _ = _llava_batch(config)
 
     def loss(p, cfg):
         return jnp.mean(Llava(cfg).apply({"params": p}, ids, pixels, mask) ** 2)
 
-    base = jax.grad(loss)(params, config)
-    remat = jax.grad(loss)(params, config.with_runtime(remat_policy=policy))
-    for a, b in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(remat)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    base = jax.jit(jax.grad(loss), static_argnums=1)(params, config)
+    for policy in ("full", "dots"):
+        remat = jax.jit(jax.grad(loss), static_argnums=1)(params, config.with_runtime(remat_policy=policy))
+        for a, b in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(remat)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 def test_every_param_has_logical_axes(llava_pair):

@@ -53,12 +53,15 @@ def load_checkpoint(path: str, dtype: Any = None, shardings: Any = None) -> tupl
     """Reads (config, params). Leaves are jax arrays, cast to `dtype` when given and placed
     with `shardings` (a pytree of jax.sharding.Sharding matching params) when given."""
     config = load_config(path)
-    params_dir = os.path.join(path, "params")
+    params_dir = os.path.abspath(os.path.join(path, "params"))  # orbax needs absolute paths
     if not os.path.isdir(params_dir):
         raise ConversionError(f"not a llava_jax checkpoint: missing {params_dir}")
     expected = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
     checkpointer = ocp.PyTreeCheckpointer()
-    stored = _flat(checkpointer.metadata(params_dir).item_metadata.tree)
+    metadata = checkpointer.metadata(params_dir).item_metadata
+    if metadata is None:
+        raise ConversionError(f"{params_dir} is not a complete orbax checkpoint")
+    stored = _flat(metadata.tree)
     want = _flat(expected)
     problems = [f"missing key {k}" for k in sorted(set(want) - set(stored))]
     problems += [f"unexpected key {k}" for k in sorted(set(stored) - set(want))]
@@ -72,7 +75,7 @@ def load_checkpoint(path: str, dtype: Any = None, shardings: Any = None) -> tupl
         sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.ShapeDtypeStruct(leaf.shape, out_dtype, sharding=sharding)
 
-    stored_tree = checkpointer.metadata(params_dir).item_metadata.tree
+    stored_tree = metadata.tree
     shard_tree = shardings if shardings is not None else jax.tree_util.tree_map(lambda _: None, expected)
     abstract = jax.tree_util.tree_map(target, expected, stored_tree, shard_tree,
                                       is_leaf=lambda x: x is None)

@@ -12,13 +12,14 @@ import dataclasses
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from llava_jax.convert import hf_config, hf_keys
 from llava_jax.convert.hf_files import ConversionError, TensorSource
-from llava_jax.models.llava import LlavaConfig, init_params
+from llava_jax.models.llava import Llava, LlavaConfig, init_params
 
 MAX_LISTED = 20  # names listed in an error before "... and N more"
 
@@ -156,11 +157,19 @@ def load_hf(path: str, dtype: Any = jnp.float32, vision_tower: str | None = None
         raise ConversionError(f"missing keys in {path}: {_listing(missing)}")
     params = filler.tree()
     if fresh_projector:
-        fresh = init_params(config, jax.random.PRNGKey(seed))["projector"]
-        params["projector"] = jax.tree_util.tree_map(lambda x: np.asarray(x, filler.dtype), fresh)
+        params["projector"] = jax.tree_util.tree_map(lambda x: np.asarray(x, filler.dtype),
+                                                     _fresh_projector(config, seed))
     if act == "linear":
         config, params = _collapse_identity(config, params, path)
     return config, params
+
+
+def _fresh_projector(config: LlavaConfig, seed: int) -> dict:
+    """`init_params(config, PRNGKey(seed))["projector"]` (same values), initialising only the
+    projector: a full init would materialise a whole random float32 LLM (~28 GB for 7B)."""
+    features = jnp.zeros((1, 1, config.vision.hidden_size), jnp.float32)
+    variables = Llava(config).init(jax.random.PRNGKey(seed), features, method=lambda m, x: m.projector(x))
+    return nn.meta.unbox(variables["params"])["projector"]
 
 
 def _collapse_identity(config: LlavaConfig, params: dict, path: str) -> tuple[LlavaConfig, dict]:

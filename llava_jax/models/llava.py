@@ -146,3 +146,14 @@ def logical_axes(config: LlavaConfig) -> Any:
     """Pytree of PartitionSpecs of logical axis names, matching the params tree."""
     boxed = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), boxed=True))
     return nn.get_partition_spec(boxed)
+
+
+def tiny_config(**runtime: Any) -> LlavaConfig:
+    """A few-hundred-kilobyte LLaVA (2-layer CLIP, 2-layer LLaMA with GQA) for CPU demos and tests."""
+    config = LlavaConfig(
+        vision=ClipVisionConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
+                                num_layers=3, num_heads=4, projection_dim=32),
+        text=LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4,
+                         num_kv_heads=2, max_position_embeddings=512),
+        projector_type="linear", image_token_index=511)
+    return config.with_runtime(**runtime) if runtime else config
