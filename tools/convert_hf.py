@@ -52,7 +52,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     dtype = jnp.dtype(args.dtype) if args.dtype else None
     files = export_hf(config, params, args.out, tokenizer_dir=args.tokenizer, dtype=dtype,
                       max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
-    print(f"wrote {args.out}: {len(files)} safetensors file(s), LlavaForConditionalGeneration layout")
+    shards = [f for f in files if f.endswith(".safetensors")]
+    print(f"wrote {args.out}: {len(shards)} safetensors file(s), LlavaForConditionalGeneration layout")
 
 
 def cmd_verify(args: argparse.Namespace) -> None:

@@ -17,6 +17,7 @@ from llava_jax.convert.hf_files import ConversionError, atomic_output_dir
 from llava_jax.models.llava import LlavaConfig, init_params
 
 FORMAT = "llava_jax.model/1"
+SAVE_CONCURRENT_GB = 1
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -24,15 +25,34 @@ def _flat(tree: Any) -> dict[str, Any]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _numpy_to_jax_in_place(tree: dict) -> None:
+    """Swaps numpy leaves for jax arrays one at a time, so each numpy copy is freed as we go.
+
+    orbax stages numpy leaves through an extra host copy of the whole tree; jax leaves it
+    writes directly, which keeps a 13B conversion near one model copy of host memory.
+    """
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _numpy_to_jax_in_place(value)
+        elif isinstance(value, np.ndarray):
+            tree[key] = jnp.asarray(value)
+            del value
+
+
 def save_checkpoint(path: str, config: LlavaConfig, params: dict, *, overwrite: bool = False,
                     extra: dict[str, Any] | None = None) -> None:
-    """Writes config + params; `extra` (e.g. the HF source) goes into config.json."""
+    """Writes config + params; `extra` (e.g. the HF source) goes into config.json.
+
+    numpy leaves of `params` are replaced in place by jax arrays (same values)."""
     path = os.path.abspath(path)
+    _numpy_to_jax_in_place(params)
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({"format": FORMAT, "llava": config.to_dict(), **(extra or {})}, f, indent=2)
-        checkpointer = ocp.PyTreeCheckpointer()
-        checkpointer.save(os.path.join(tmp, "params"), params)
+        # Bounded concurrency: orbax otherwise stages a copy of every array at once,
+        # doubling peak host memory during conversion of a 13B model.
+        handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB)
+        ocp.Checkpointer(handler).save(os.path.join(tmp, "params"), args=ocp.args.PyTreeSave(params))
 
 
 def load_config(path: str) -> LlavaConfig:

@@ -1,7 +1,7 @@
 """Reading and writing Hugging Face weight directories without loading whole models.
 
 The conversion tools move 7B/13B checkpoints between the HF layout and ours, so
-everything here streams: weights are read lazily through ``mmap`` (one tensor is
+everything here streams: weights are read lazily with ``pread`` (one tensor is
 materialised at a time) and written shard by shard.  We implement the small
 safetensors format ourselves because the ``safetensors`` package's numpy backend
 has no bfloat16, which is the dtype LLaVA checkpoints are stored in.
@@ -18,7 +18,6 @@ import contextlib
 import glob
 import json
 import math
-import mmap
 import os
 import shutil
 import struct
@@ -47,7 +46,7 @@ _NOT_WEIGHTS = {"training_args.bin", "optimizer.bin", "scheduler.bin"}
 
 
 class _SafetensorsFile:
-    """One .safetensors file: header parsed eagerly, data mmapped and read on demand."""
+    """One .safetensors file: header parsed eagerly, tensors read on demand."""
 
     def __init__(self, path: str):
         self.path = path
@@ -83,17 +82,23 @@ class _SafetensorsFile:
                 raise ConversionError(f"{path}: tensor {key!r} has {end - begin} bytes but shape "
                                       f"{list(shape)} of {info['dtype']} needs {math.prod(shape) * dt.itemsize}")
             self.meta[key], self._offsets[key] = (dt, shape), (begin, end)
-        with open(path, "rb") as f:  # mapped only once valid: reads stay lazy and pages can be dropped
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # Read with pread into a fresh buffer rather than mmap: mapped pages would stay in
+        # this process's RSS, adding a whole extra copy of the model to the peak.
+        self._file = open(path, "rb")
 
     def get(self, key: str) -> np.ndarray:
         (dt, shape), (begin, end) = self.meta[key], self._offsets[key]
-        raw = np.frombuffer(self._mm, dtype=np.uint8, count=end - begin, offset=self._base + begin)
-        # Copy so the result owns its memory and the mmap can be closed / paged out.
-        return raw.view(dt).reshape(shape).copy()
+        out = np.empty(end - begin, dtype=np.uint8)
+        view, offset = memoryview(out), self._base + begin
+        while view.nbytes:  # pread may return short reads for very large tensors
+            n = os.preadv(self._file.fileno(), [view], offset)
+            if n <= 0:
+                raise ConversionError(f"{self.path}: unexpected end of file reading {key!r}")
+            view, offset = view[n:], offset + n
+        return out.view(dt).reshape(shape)
 
     def close(self) -> None:
-        self._mm.close()
+        self._file.close()
 
 
 class _TorchFile:
