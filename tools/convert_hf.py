@@ -2,10 +2,12 @@
 """HF PyTorch <-> llava_jax checkpoints.
 
   python tools/convert_hf.py import --hf DIR [--vision-tower CLIP_DIR] --out CKPT [--dtype bfloat16]
-  python tools/convert_hf.py export --ckpt CKPT --out DIR [--tokenizer DIR] [--dtype float16]
+  python tools/convert_hf.py import-adapter --peft DIR --ckpt CKPT --name NAME [--head-kind reward|value]
+  python tools/convert_hf.py export --ckpt CKPT --out DIR [--format hf|peft|merged --adapter NAME]
   python tools/convert_hf.py verify --hf DIR --ckpt CKPT [--vision-tower CLIP_DIR]
 
-`import` reads llava-hf (LlavaForConditionalGeneration), the original LLaVA layout
+`import-adapter` adds a PEFT LoRA adapter (llava-hf or original LLaVA keys) and its
+reward/value head file to a checkpoint. `import` reads llava-hf (LlavaForConditionalGeneration), the original LLaVA layout
 (LlavaLlamaForCausalLM + a CLIP directory) or a plain LlamaForCausalLM + a CLIP directory
 (fresh projector). `export` writes the llava-hf layout. `verify` prints the logit error
 against HF PyTorch. Bad input ends with one `error:` line, exit status 2, and no output.
@@ -43,17 +45,54 @@ def cmd_import(args: argparse.Namespace) -> None:
           f"({config.num_image_tokens} tokens) dtype={args.dtype}")
 
 
+def cmd_import_adapter(args: argparse.Namespace) -> None:
+    from llava_jax.convert import ConversionError, load_config, save_adapter
+    from llava_jax.convert.ckpt import abstract_params
+    from llava_jax.convert.peft import read_head, read_peft_adapter
+    from llava_jax.heads import init_head
+
+    config = load_config(args.ckpt)
+    adapter = read_peft_adapter(args.peft, abstract_params(config))
+    found = read_head(args.peft, config.text.hidden_size)
+    head, kind = found if found else (None, None)
+    if args.head_kind == "reward" and kind != "reward":
+        raise ConversionError(f"--head-kind reward but no reward_head file next to {args.peft}")
+    if args.head_kind == "value" and kind != "value":
+        # LLaVA-RLHF's value model reuses the RM adapter with a NEW value head at zero.
+        head, kind = init_head("value", config.text.hidden_size), "value"
+    save_adapter(args.ckpt, args.name, adapter, head, kind, overwrite=args.overwrite,
+                 extra={"source": {"peft": os.path.abspath(args.peft)}})
+    lora = adapter.config
+    print(f"added adapter {args.name!r} to {args.ckpt}: r={lora.rank} alpha={lora.alpha} "
+          f"targets={','.join(lora.targets)}{' +projector' if lora.projector else ''} head={kind or 'none'}")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
 
-    from llava_jax.convert import export_hf, load_checkpoint
+    from llava_jax.convert import ConversionError, export_hf, load_adapter, load_checkpoint
 
+    if args.format != "hf" and not args.adapter:
+        raise ConversionError(f"--format {args.format} needs --adapter NAME")
+    if args.format == "peft":
+        from llava_jax.convert.peft import write_peft_adapter
+
+        adapter, head, kind = load_adapter(args.ckpt, args.adapter)
+        write_peft_adapter(args.out, adapter, head, kind, overwrite=args.overwrite)
+        print(f"wrote {args.out}: PEFT LoRA adapter {args.adapter!r} (r={adapter.config.rank})")
+        return
     config, params = load_checkpoint(args.ckpt)
+    if args.format == "merged":
+        from llava_jax.lora import merge
+
+        adapter, _, _ = load_adapter(args.ckpt, args.adapter)
+        params = merge(params, adapter)
     dtype = jnp.dtype(args.dtype) if args.dtype else None
     files = export_hf(config, params, args.out, tokenizer_dir=args.tokenizer, dtype=dtype,
                       max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
     shards = [f for f in files if f.endswith(".safetensors")]
-    print(f"wrote {args.out}: {len(shards)} safetensors file(s), LlavaForConditionalGeneration layout")
+    merged = f" with adapter {args.adapter!r} merged" if args.format == "merged" else ""
+    print(f"wrote {args.out}: {len(shards)} safetensors file(s), LlavaForConditionalGeneration layout{merged}")
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -82,9 +121,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_import)
 
-    p = sub.add_parser("export", help="llava_jax checkpoint -> llava-hf directory")
+    p = sub.add_parser("import-adapter", help="PEFT LoRA adapter (+ head) -> adapter NAME of a checkpoint")
+    p.add_argument("--peft", required=True, help="PEFT adapter directory (adapter_config.json)")
+    p.add_argument("--ckpt", required=True, help="converted base checkpoint to add the adapter to")
+    p.add_argument("--name", required=True, help="e.g. policy, ref_policy, value, reward")
+    p.add_argument("--head-kind", choices=("reward", "value"),
+                   help="expected head; 'value' without a head file adds a zero value head")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_import_adapter)
+
+    p = sub.add_parser("export", help="llava_jax checkpoint -> llava-hf directory or PEFT adapter")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--format", default="hf", choices=("hf", "peft", "merged"),
+                   help="hf: the base; peft: adapter NAME; merged: the base with adapter NAME folded in")
+    p.add_argument("--adapter", help="adapter name (for --format peft / merged)")
     p.add_argument("--tokenizer", help="directory whose tokenizer files are copied along")
     p.add_argument("--dtype", choices=DTYPES, help="tensor dtype to write (default: as stored)")
     p.add_argument("--max-shard-size", type=_size, default=5 * 10**9, help="e.g. 5GB, 500MiB")

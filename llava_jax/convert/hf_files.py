@@ -101,6 +101,15 @@ class _SafetensorsFile:
         self._file.close()
 
 
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of one small .safetensors file (e.g. a reward head)."""
+    f = _SafetensorsFile(path)
+    try:
+        return {key: f.get(key) for key in f.meta}
+    finally:
+        f.close()
+
+
 class _TorchFile:
     """One pytorch_model*.bin state dict, loaded with torch's own mmap support."""
 

@@ -36,19 +36,47 @@ def param_init(init: Callable, axes: Sequence[str | None]) -> Callable:
     return nn.with_logical_partitioning(init, tuple(axes))
 
 
+class Dense(nn.Module):
+    """Linear layer, kernel [in, out] named by `axes`, with an optional LoRA path.
+
+    LoRA weights are not params: they come in the separate `lora` collection
+    (`a` [in, r], `b` [r, out]; see llava_jax/lora.py). Without that collection the layer
+    is the plain base layer, so one base serves every adapter and none.
+    """
+
+    features: int
+    axes: tuple[str | None, str | None]
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+    std: float = 0.02
+    lora_scale: float = 1.0  # alpha / rank of the adapter applied, if any
+    lora_dropout: float = 0.0  # applied only when a 'dropout' rng is given
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", param_init(nn.initializers.normal(self.std), self.axes),
+                            (x.shape[-1], self.features), self.param_dtype)
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", param_init(nn.initializers.zeros, (self.axes[1],)),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        if self.has_variable("lora", "a"):
+            a = self.get_variable("lora", "a").astype(self.dtype)
+            b = self.get_variable("lora", "b").astype(self.dtype)
+            if self.lora_dropout > 0 and self.has_rng("dropout"):
+                x = nn.Dropout(self.lora_dropout, deterministic=False)(x)
+            y = y + jnp.dot(jnp.dot(x, a), b) * jnp.asarray(self.lora_scale, self.dtype)
+        return y
+
+
 def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool, dtype: Any,
-          param_dtype: Any, name: str, std: float = 0.02) -> nn.Dense:
-    """nn.Dense with kernel [in, out] named by `axes` (HF stores [out, in]; convert transposes)."""
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=param_init(nn.initializers.normal(std), axes),
-        bias_init=param_init(nn.initializers.zeros, (axes[1],)),
-        precision=None,
-        name=name,
-    )
+          param_dtype: Any, name: str, std: float = 0.02, lora_scale: float = 1.0,
+          lora_dropout: float = 0.0) -> Dense:
+    """A `Dense` (HF stores [out, in]; convert transposes)."""
+    return Dense(features, axes, use_bias, dtype, param_dtype, std, lora_scale, lora_dropout, name=name)
 
 
 def layer_norm(eps: float, dtype: Any, param_dtype: Any, name: str) -> nn.LayerNorm:
@@ -125,7 +153,7 @@ def scan_layers(layer_cls: type[nn.Module], num_layers: int, remat_policy: str,
         layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
     return nn.scan(
         layer_cls,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "lora": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * num_broadcast,
         length=num_layers,

@@ -45,6 +45,8 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat_policy: str = "none"  # see layers.REMAT_POLICIES
+    lora_scale: float = 1.0  # set per adapter by llava_jax.lora (alpha / rank)
+    lora_dropout: float = 0.0
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -102,13 +104,18 @@ def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
     return causal[None] & attention_mask.astype(bool)[:, None, :]
 
 
+def dense_kwargs(cfg: LlamaConfig, use_bias: bool = False) -> dict[str, Any]:
+    return dict(use_bias=use_bias, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
+                lora_scale=cfg.lora_scale, lora_dropout=cfg.lora_dropout)
+
+
 class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(use_bias=False, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype))
+        kw = dense_kwargs(cfg)
         b, t, _ = x.shape
         hd = cfg.head_dim
         q = dense(cfg.num_heads * hd, ("embed", "heads"), name="q_proj", **kw)(x)
@@ -128,7 +135,7 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(use_bias=False, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype))
+        kw = dense_kwargs(cfg)
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
         hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
@@ -161,8 +168,7 @@ class Llama(nn.Module):
         self.layers = scan_layers(LlamaLayer, cfg.num_layers, cfg.remat_policy, num_broadcast=3)(cfg)
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
-                                 param_dtype=param_dtype, name="lm_head")
+            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", **dense_kwargs(cfg))
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens(input_ids)

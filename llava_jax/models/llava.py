@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 from llava_jax.models.clip import ClipVision, ClipVisionConfig
 from llava_jax.models.config_utils import config_from_dict, config_to_dict
-from llava_jax.models.layers import activation, as_dtype, dense
-from llava_jax.models.llama import Llama, LlamaConfig
+from llava_jax.models.layers import activation, dense
+from llava_jax.models.llama import Llama, LlamaConfig, dense_kwargs
 
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 
@@ -66,7 +66,7 @@ class Projector(nn.Module):
     @nn.compact
     def __call__(self, features: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(use_bias=True, dtype=as_dtype(cfg.text.dtype), param_dtype=as_dtype(cfg.text.param_dtype))
+        kw = dense_kwargs(cfg.text, use_bias=True)
         x = dense(cfg.text.hidden_size, ("vision_embed", "embed"), name="linear_1", **kw)(features)
         if cfg.projector_type == "mlp2x_gelu":
             x = activation("gelu")(x)

@@ -1,0 +1,129 @@
+"""Evaluation question files and answer records.
+
+Formats (auto-detected):
+* `vqa`: LLaVA `model_vqa` JSONL `{question_id, image, text}`; answers JSONL
+  `{question_id, prompt, text, answer_id, model_id}`.
+* `pope`: the same plus `label` ("yes"/"no").
+* `mmhal`: MMHal-Bench JSON list of `{question, image_path, image_content, gt_answer,
+  question_type, question_topic, ...}` (`image_src` URLs fall back to their file name);
+  the answer is the item itself with `model_answer` filled in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+from typing import Any, Iterable, Sequence
+
+from llava_jax.data.batching import Schema
+from llava_jax.data.datasets import RecordDataset, _Item, _Skip
+from llava_jax.data.records import check_record
+from llava_jax.data.templates import USER, Turn, encode_prompt
+
+EVAL_FORMATS = ("vqa", "pope", "mmhal")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalQuestion:
+    question_id: Any
+    text: str
+    image: str | None
+    label: str | None = None  # POPE: "yes" / "no"
+    record: dict = dataclasses.field(default_factory=dict)  # the original record (MMHal answers copy it)
+
+
+def detect_format(path: str, records: Sequence[Any]) -> str:
+    if path.endswith(".jsonl"):
+        return "pope" if any(isinstance(r, dict) and "label" in r for r in records) else "vqa"
+    return "mmhal"
+
+
+def parse_question(record: Any, index: int, fmt: str) -> EvalQuestion:
+    """One eval record -> EvalQuestion; raises _Skip("missing_field" | "bad_label")."""
+    if not isinstance(record, dict):
+        raise _Skip("missing_field", f"record is a {type(record).__name__}, not an object")
+    if fmt == "mmhal":
+        question = record.get("question")
+        image = record.get("image_path") or (os.path.basename(record["image_src"]) if record.get("image_src") else None)
+        if not isinstance(question, str) or not isinstance(image, str):
+            raise _Skip("missing_field", "MMHal items need 'question' and 'image_path' (or 'image_src')")
+        return EvalQuestion(index, question, image, record=record)
+    if not isinstance(record.get("text"), str) or "question_id" not in record:
+        raise _Skip("missing_field", "questions need 'question_id' and 'text'")
+    image = record.get("image")
+    if image is not None and not isinstance(image, str):
+        raise _Skip("missing_field", "field 'image' is not a string")
+    label = record.get("label")
+    if fmt == "pope":
+        label = str(label).strip().lower() if label is not None else None
+        if label not in ("yes", "no"):
+            raise _Skip("bad_label", f"POPE label must be yes/no, got {record.get('label')!r}")
+    return EvalQuestion(record["question_id"], record["text"], image, label, record)
+
+
+class EvalDataset(RecordDataset):
+    """Questions as generation prompts (pad LEFT); meta carries the `EvalQuestion`.
+
+    Use the loader with `shuffle=False, num_epochs=1, drop_remainder=False` so every
+    question is seen once; padding slots have `valid == 0`."""
+
+    kind = "eval"
+
+    def __init__(self, path: str, tokenizer, *, fmt: str | None = None, **kwargs):
+        self.fmt = fmt
+        super().__init__(path, tokenizer, **kwargs)
+        self.schema = Schema(sequences={"input_ids": tokenizer.pad_id}, masks={"attention_mask": "input_ids"},
+                             images={"pixel_values": self.image_processor.shape})
+
+    def _parse(self, index, record):
+        if self.fmt is None:
+            # Detect from the first record: the file is read as a stream.
+            self.fmt = detect_format(self.path, [record])
+        if self.fmt not in EVAL_FORMATS:
+            raise ValueError(f"unknown eval format {self.fmt!r}; expected one of {EVAL_FORMATS}")
+        question = parse_question(record, index, self.fmt)
+        return _Item(index, question.image, {"question": question})
+
+    def _build(self, item):
+        question = item.data["question"]
+        encoded = encode_prompt([Turn(USER, question.text.replace("<image>", "").strip())], self.tokenizer,
+                                self.template, num_image_tokens=self._n_image(item),
+                                image_token_index=self.image_token_index)
+        encoded = self._fit(item, encoded, cut=False)
+        return {"input_ids": encoded.ids, "pixel_values": self._image(item), "meta": {"question": question}}
+
+
+def load_eval_questions(path: str, fmt: str | None = None) -> tuple[str, list[EvalQuestion]]:
+    """(format, questions) of an eval file; raises on any bad record (eval sets must be whole)."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()] if path.endswith(".jsonl") else json.load(f)
+    fmt = fmt or detect_format(path, records)
+    out = []
+    for index, record in enumerate(records):
+        try:
+            out.append(parse_question(record, index, fmt))
+        except _Skip as e:
+            raise ValueError(f"{path}[{index}]: {e.reason}: {e}") from None
+    return fmt, out
+
+
+def make_answer(question: EvalQuestion, text: str, *, model_id: str, fmt: str = "vqa",
+                answer_id: str | None = None) -> dict:
+    """The answer record of `question` in its format's answer layout."""
+    if fmt == "mmhal":
+        return {**question.record, "model_answer": text}
+    return {"question_id": question.question_id, "prompt": question.text, "text": text,
+            "answer_id": answer_id or uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
+
+
+def write_answers(path: str, answers: Iterable[dict], fmt: str = "vqa") -> None:
+    """Writes answers: JSONL for vqa/pope, a JSON list for MMHal-Bench."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    answers = list(answers)
+    with open(path, "w") as f:
+        if fmt == "mmhal":
+            json.dump(answers, f, indent=2)
+        else:
+            for answer in answers:
+                f.write(json.dumps(answer) + "\n")
