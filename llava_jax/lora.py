@@ -109,7 +109,7 @@ def adapted_config(config: LlavaConfig, adapter: Adapter | None) -> LlavaConfig:
 def forward(config: LlavaConfig, base: dict, adapter: Adapter | None, *args: Any,
             method: str | Callable | None = None, rngs: dict | None = None, **kwargs: Any) -> Any:
     """`Llava(...).apply` over (base, adapter or None): logits by default, or any Llava method
-    (`"hidden"`, `"image_features"`, ...). Pass `rngs={'dropout': key}` for LoRA dropout."""
+    (`"hidden"`, `"vision_features"`, ...). Pass `rngs={'dropout': key}` for LoRA dropout."""
     variables = {"params": base}
     if adapter is not None:
         variables["lora"] = adapter.params

@@ -232,3 +232,30 @@ def test_reward_head_reads_last_non_pad_token(side):
     np.testing.assert_allclose(np.asarray(scores), expected, rtol=1e-6)
     value = heads.init_head("value", 4)
     assert not np.any(np.asarray(heads.token_values(value, hidden)))
+
+
+def test_four_roles_share_one_base(world):
+    """policy, ref_policy (= base), value and reward run in one jitted call over one base."""
+    config, base = world["config"], world["base"]
+    policy = read_peft_adapter(str(world["root"] / "peft"), base)
+    critic = lora.init_adapter(base, lora.LoraConfig(rank=2, alpha=4), jax.random.PRNGKey(3))
+    value_head = heads.init_head("value", 32)
+    reward_head = heads.init_head("reward", 32, jax.random.PRNGKey(4))
+    ids, mask, pixels = _batch(config)
+
+    @jax.jit
+    def roles(base, policy, critic, value_head, reward_head):
+        feats = lora.forward(config, base, None, pixels, method="vision_features")  # once, shared
+        kw = dict(vision_features=feats)
+        pol = lora.forward(config, base, policy, ids, None, mask, **kw)
+        ref = lora.forward(config, base, None, ids, None, mask, **kw)
+        val = heads.token_values(value_head, lora.forward(config, base, critic, ids, None, mask, method="hidden", **kw))
+        rew = heads.reward_scores(reward_head, lora.forward(config, base, critic, ids, None, mask, method="hidden",
+                                                              **kw), mask)
+        return pol, ref, val, rew
+
+    pol, ref, val, rew = roles(base, policy, critic, value_head, reward_head)
+    np.testing.assert_allclose(ref, lora.forward(config, base, None, ids, pixels, mask), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(pol, lora.forward(config, base, policy, ids, pixels, mask), rtol=1e-6, atol=1e-6)
+    assert np.abs(np.asarray(pol - ref)).max() > 1e-3
+    assert not np.any(np.asarray(val)) and rew.shape == (2,) and np.all(np.isfinite(np.asarray(rew)))

@@ -79,7 +79,7 @@ def _join(parts: list[str]) -> str:
 
 
 def _describe(scene) -> str:
-    return "There " + ("is " if len(scene) == 1 else "are ") + _join([f"{_obj(o)} in the {o[2]}" for o in scene]) + "."
+    return "There is " + _join([f"{_obj(o)} in the {o[2]}" for o in scene]) + "."
 
 
 def _captions(scene) -> list[str]:
@@ -200,7 +200,8 @@ def corpus(world: dict) -> list[str]:
     """Every text of the world (plus template and reward-prompt words): the tokenizer corpus."""
     from llava_jax.data.templates import VICUNA_SYSTEM
 
-    texts = [VICUNA_SYSTEM, "USER: ASSISTANT:", EXTRA_TEXT, string.ascii_letters + string.digits]
+    # The template words occur in every sequence: weight them so they become single tokens.
+    texts = [EXTRA_TEXT, string.ascii_letters + string.digits] + [VICUNA_SYSTEM + " USER: ASSISTANT:"] * 200
     texts += [c for caps in world["captions"].values() for c in caps]
     for key in ("pretrain", "sft", "preference", "rl_prompts"):
         for record in world[key]:

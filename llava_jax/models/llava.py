@@ -88,46 +88,53 @@ class Llava(nn.Module):
         self.projector = Projector(self.config)
         self.llm = Llama(self.config.text)
 
-    def image_features(self, pixel_values: jax.Array) -> jax.Array:
-        """Projected patch features [B, num_image_tokens, D_text]."""
+    def vision_features(self, pixel_values: jax.Array) -> jax.Array:
+        """The frozen tower's selected-layer patch features [B, num_image_tokens, D_vision].
+
+        Compute once per batch and pass as `vision_features=` to every role sharing the tower
+        (the projector, which an adapter may change, is applied per role).
+        """
         cfg = self.config
         selected = self.vision(pixel_values, layer=cfg.vision_feature_layer)["selected"]
         if cfg.vision_feature_select_strategy == "default":
             selected = selected[:, 1:]
-        return self.projector(selected)
+        return selected
+
+    def image_features(self, pixel_values: jax.Array | None = None,
+                       vision_features: jax.Array | None = None) -> jax.Array:
+        """Projected patch features [B, num_image_tokens, D_text]."""
+        if vision_features is None:
+            vision_features = self.vision_features(pixel_values)
+        return self.projector(vision_features)
 
     def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-              image_features: jax.Array | None = None) -> jax.Array:
-        """Token embeddings with image features written into the placeholder positions.
-
-        Pass `image_features` (from `image_features`) to reuse them across model roles.
-        """
+              vision_features: jax.Array | None = None) -> jax.Array:
+        """Token embeddings with projected image features written into the placeholder positions."""
         is_image = input_ids == self.config.image_token_index
         # The placeholder id may lie outside the vocabulary; look up a valid row instead.
         embeds = self.llm.embed(jnp.where(is_image, 0, input_ids))
-        if image_features is None and pixel_values is not None:
-            image_features = self.image_features(pixel_values)
-        if image_features is None:
+        if vision_features is None and pixel_values is None:
             return embeds
+        image_features = self.image_features(pixel_values, vision_features)
         slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features.shape[1] - 1)
         per_token = jnp.take_along_axis(image_features, slot[..., None], axis=1)
         return jnp.where(is_image[..., None], per_token.astype(embeds.dtype), embeds)
 
     def hidden(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-               attention_mask: jax.Array | None = None, *, image_features: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, *, vision_features: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
         """Final normed LLM hidden states [B, T, D] (what reward / value heads read)."""
-        embeds = self.embed(input_ids, pixel_values, image_features)
+        embeds = self.embed(input_ids, pixel_values, vision_features)
         return self.llm.hidden(embeds, attention_mask, positions)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.llm.logits(hidden)
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None, *, image_features: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None, *, vision_features: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:
         return self.logits(self.hidden(input_ids, pixel_values, attention_mask,
-                                       image_features=image_features, positions=positions))
+                                       vision_features=vision_features, positions=positions))
 
 
 def init_params(config: LlavaConfig, rng: jax.Array, *, boxed: bool = False) -> dict:
