@@ -92,6 +92,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype: Any = jnp.bfloat16) -> dict:
+    """An empty KV cache {k, v}: [layers, batch, length, kv_heads, head_dim]."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", None)  # logical names of a cache array
+
+
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Left padding: the first real token is position 0 (pads get 0 too; they are masked)."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -113,7 +122,11 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array,
+                 cache: dict | None = None, layer: jax.Array | None = None,
+                 cache_index: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+        """With `cache` ({k, v}: [L, B, S, K, D] for all layers), this call's keys/values go to
+        slots cache_index.. of `layer` and queries attend over all S slots (`mask` [B, T, S])."""
         cfg = self.config
         kw = dense_kwargs(cfg)
         b, t, _ = x.shape
@@ -125,8 +138,15 @@ class LlamaAttention(nn.Module):
         k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, hd), cos, sin)
         v = v.reshape(b, t, cfg.num_kv_heads, hd)
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
+        if cache is not None:
+            # Update only the new slots of this layer in place; the whole cache is loop-carried.
+            start = (layer, 0, cache_index, 0, 0)
+            cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype)[None], start)
+                     for name, new in (("k", k), ("v", v))}
+            k, v = (jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False).astype(q.dtype)
+                    for name in ("k", "v"))
         out = attention(q, k, v, mask).reshape(b, t, cfg.num_heads * hd)
-        return dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out)
+        return dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out), cache
 
 
 class LlamaMLP(nn.Module):
@@ -146,12 +166,15 @@ class LlamaLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin):
+    def __call__(self, carry, mask, cos, sin, cache_index):
+        x, cache, layer = carry  # cache: None, or the KV cache of every layer (see LlamaAttention)
         cfg = self.config
         norm = dict(eps=cfg.rms_norm_eps, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype))
-        x = x + LlamaAttention(cfg, name="attn")(RMSNorm(name="input_norm", **norm)(x), mask, cos, sin)
+        h, cache = LlamaAttention(cfg, name="attn")(RMSNorm(name="input_norm", **norm)(x), mask, cos, sin,
+                                                    cache, layer, cache_index)
+        x = x + h
         x = x + LlamaMLP(cfg, name="mlp")(RMSNorm(name="post_attn_norm", **norm)(x))
-        return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), None
+        return (nn.with_logical_constraint(x, ("batch", "length", "act_embed")), cache, layer + 1), None
 
 
 class Llama(nn.Module):
@@ -165,7 +188,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
             embedding_init=param_init(nn.initializers.normal(0.02), ("vocab", "embed")))
-        self.layers = scan_layers(LlamaLayer, cfg.num_layers, cfg.remat_policy, num_broadcast=3)(cfg)
+        self.layers = scan_layers(LlamaLayer, cfg.num_layers, cfg.remat_policy, num_broadcast=4)(cfg)
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", **dense_kwargs(cfg))
@@ -174,18 +197,31 @@ class Llama(nn.Module):
         return self.embed_tokens(input_ids)
 
     def hidden(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
-        """Final RMS-normed hidden states [B, T, D] for embedded inputs [B, T, D]."""
+               positions: jax.Array | None = None, cache: dict | None = None,
+               cache_index: jax.Array | int = 0) -> jax.Array | tuple[jax.Array, dict]:
+        """Final RMS-normed hidden states [B, T, D] for embedded inputs [B, T, D].
+
+        With a KV `cache` ({k, v} [L, B, S, K, D], see `init_cache`): `attention_mask` is the
+        [B, S] validity of the cache slots (this call's T tokens included, at slots
+        cache_index..), `positions` are required, and (hidden, updated cache) is returned.
+        """
         b, t, _ = inputs_embeds.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
-        if positions is None:
-            positions = positions_from_mask(attention_mask)
+        if cache is None:
+            mask = causal_padding_mask(attention_mask)
+            positions = positions_from_mask(attention_mask) if positions is None else positions
+        else:
+            if positions is None:
+                raise ValueError("decoding with a KV cache needs explicit positions")
+            query_slots = cache_index + jnp.arange(t)
+            key_slots = jnp.arange(attention_mask.shape[-1])
+            mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & attention_mask.astype(bool)[:, None, :]
         cos, sin = rope_cos_sin(self.config, positions, as_dtype(self.config.dtype))
         x = nn.with_logical_constraint(inputs_embeds.astype(as_dtype(self.config.dtype)),
                                        ("batch", "length", "act_embed"))
-        x, _ = self.layers(x, causal_padding_mask(attention_mask), cos, sin)
-        return self.norm(x)
+        (x, cache, _), _ = self.layers((x, cache, jnp.int32(0)), mask, cos, sin, jnp.asarray(cache_index, jnp.int32))
+        return self.norm(x) if cache is None else (self.norm(x), cache)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.config.tie_word_embeddings:

@@ -1,0 +1,117 @@
+"""The bundled toy "shapes" world: reproducible, small, clean, and usable by every stage."""
+import json
+import os
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import AutoTokenizer
+
+from llava_jax.data import (EvalDataset, Loader, PreferenceDataset, RLPromptDataset, SFTDataset, load_captions,
+                            load_tokenizer, vision_kwargs)
+from llava_jax.data.toy import TOY_DIR, build_world, corpus, write_toy_world
+from llava_jax.models.llava import Llava, init_params, tiny_config
+
+IMAGES = os.path.join(TOY_DIR, "images")
+
+
+def files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_bundle_is_what_the_generator_writes(tmp_path):
+    write_toy_world(str(tmp_path))
+    assert files(str(tmp_path)) == [f for f in files(TOY_DIR) if f != "README.md"]
+    for name in files(str(tmp_path)):
+        ours, bundled = tmp_path / name, os.path.join(TOY_DIR, name)
+        if name.endswith(".png"):  # compare pixels: PNG bytes may differ across zlib versions
+            assert np.array_equal(np.asarray(Image.open(ours)), np.asarray(Image.open(bundled))), name
+        elif name.endswith(".json"):
+            with open(bundled) as f:
+                assert json.loads(ours.read_text()) == json.load(f), name
+        else:
+            with open(bundled) as f:
+                assert ours.read_text() == f.read(), name
+
+
+def test_bundle_is_small():
+    size = sum(os.path.getsize(os.path.join(TOY_DIR, f)) for f in files(TOY_DIR))
+    assert size < 1_000_000, size
+    assert len([f for f in files(TOY_DIR) if f.endswith(".png")]) == 96
+
+
+def test_tokenizer_fits_the_tiny_model():
+    hf = AutoTokenizer.from_pretrained(os.path.join(TOY_DIR, "tokenizer"))
+    config = tiny_config()
+    assert len(hf) == config.text.vocab_size == 512
+    assert hf.convert_tokens_to_ids("<image>") == config.image_token_index == 511
+    assert (hf.unk_token_id, hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 1, 2, 3)
+    assert hf("What color is it?").input_ids[0] == hf.bos_token_id  # adds BOS, like LLaMA
+    tok = load_tokenizer(os.path.join(TOY_DIR, "tokenizer"))
+    texts = corpus(build_world())
+    ids = [i for t in texts for i in tok.encode(t)]
+    assert 0 not in ids and max(ids) < 511  # no <unk>, never the image id
+    assert tok.decode(tok.encode("There is a red circle in the top left.")) == "There is a red circle in the top left."
+    assert 0 not in tok.encode("An unseen word: zebra-crossing 42!")  # every ASCII character has a piece
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = load_tokenizer(os.path.join(TOY_DIR, "tokenizer"))
+    return tok, dict(image_folder=IMAGES, **vision_kwargs(tiny_config()))
+
+
+def path(name):
+    return os.path.join(TOY_DIR, name)
+
+
+def test_every_toy_file_loads_clean(setup):
+    tok, kw = setup
+    captions = load_captions(path("captions.json"))
+    sets = [SFTDataset(path("sft.json"), tok, **kw), SFTDataset(path("pretrain.json"), tok, template="plain", **kw),
+            PreferenceDataset(path("preference.json"), tok, captions=captions, **kw),
+            RLPromptDataset(path("rl_prompts.json"), tok, captions=captions, **kw),
+            EvalDataset(path("eval/pope.jsonl"), tok, **kw), EvalDataset(path("eval/questions.jsonl"), tok, **kw),
+            EvalDataset(path("eval/mmhal.json"), tok, **kw)]
+    for dataset in sets:
+        examples = [dataset.load(i) for i in range(len(dataset))]
+        assert all(e is not None for e in examples) and dataset.report.skipped == {}, dataset.report.summary()
+        assert dataset.report.total == len(dataset) > 0
+    assert [d.fmt for d in sets[4:]] == ["pope", "vqa", "mmhal"]
+    assert Counter(q.load(i)["meta"]["question"].label for q in sets[4:5] for i in range(len(q))).keys() == {"yes", "no"}
+
+
+def test_world_semantics():
+    world = build_world()
+    types = Counter(r["caption_type"] for r in world["rl_prompts"])
+    assert set(types) == {1, 2, 3, 4, 5, 6, 7}
+    for r in world["rl_prompts"]:
+        if 2 <= r["caption_type"] <= 5:
+            assert "aok_" + r["image"] in world["captions"]
+    for p in world["preference"]:
+        chosen = p[f"output_{p['preference']}"]["value"]
+        rejected = p[f"output_{3 - p['preference']}"]["value"]
+        truth = world["captions"][p["image"]][0]
+        assert chosen == truth and rejected != truth and p["hallucination"] is True
+    scenes = world["scenes"]
+    for q in world["pope"]:  # labels agree with the ground truth
+        color, shape = q["text"][len("Is there a "):-len(" in the image?")].split()
+        present = any((s, c) == (shape, color) for s, c, _ in scenes[q["image"]])
+        assert q["label"] == ("yes" if present else "no")
+    train = {r["image"] for r in world["sft"] if "image" in r}
+    assert not train & {q["image"] for q in world["pope"]}  # eval images are held out
+
+
+def test_toy_batch_runs_through_the_tiny_model(setup):
+    tok, kw = setup
+    loader = Loader(SFTDataset(path("sft.json"), tok, max_length=128, **kw), 4, seed=0, buckets=(128,),
+                    process_index=0, process_count=1, num_workers=0)
+    batch = next(loader)
+    config = tiny_config()
+    params = init_params(config, jax.random.PRNGKey(0))
+    logits = Llava(config).apply({"params": params}, jnp.asarray(batch["input_ids"]),
+                                 jnp.asarray(batch["pixel_values"]), jnp.asarray(batch["attention_mask"]))
+    assert logits.shape == (4, 128, 512) and bool(jnp.isfinite(logits).all())
