@@ -159,3 +159,13 @@ def test_default_process_info_and_errors(data, tok):
         Loader(dataset(data, tok), 4, buckets=(64,))  # smaller than max_length
     with pytest.raises(ValueError):
         Loader(dataset(data, tok), 4, process_index=2, process_count=2)
+
+
+def test_an_all_bad_dataset_stops_instead_of_spinning(tmp_path, tok):
+    conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A circle."}]
+    (tmp_path / "sft.json").write_text(json.dumps([{"image": f"gone{i}.png", "conversations": conv}
+                                                   for i in range(6)]))
+    loader = Loader(dataset(str(tmp_path), tok), 2, process_index=0, process_count=1)
+    with pytest.raises(RuntimeError, match="no usable example"):
+        next(loader)
+    assert loader.report.skipped == {"missing_image": 6}

@@ -111,7 +111,11 @@ def test_toy_batch_runs_through_the_tiny_model(setup):
                     process_index=0, process_count=1, num_workers=0)
     batch = next(loader)
     config = tiny_config()
-    params = init_params(config, jax.random.PRNGKey(0))
-    logits = Llava(config).apply({"params": params}, jnp.asarray(batch["input_ids"]),
-                                 jnp.asarray(batch["pixel_values"]), jnp.asarray(batch["attention_mask"]))
+    # Random weights of the right shapes (initialising for real costs seconds of compile).
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+    forward = jax.jit(lambda p, ids, pix, mask: Llava(config).apply({"params": p}, ids, pix, mask))
+    logits = forward(params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["pixel_values"]),
+                     jnp.asarray(batch["attention_mask"]))
     assert logits.shape == (4, 128, 512) and bool(jnp.isfinite(logits).all())

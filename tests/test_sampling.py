@@ -143,3 +143,23 @@ def test_top_k_and_top_p_never_leave_the_allowed_set():
             seen = set(draws[:, row].tolist())
             assert seen <= allowed, (top_k, top_p, row)
             assert len(seen) >= min(2, len(allowed))  # it samples, it is not argmax
+
+
+def test_sampler_under_a_mesh_with_sharded_weights_and_cache(world):
+    """(2, 2, 2) mesh over 8 forced CPU devices: same greedy tokens as one device."""
+    from llava_jax import sharding
+
+    _, config, base = world
+    ids, mask, pixels = _prompts(config, with_image=True, pads=(0, 1, 2, 3, 4, 0, 1, 2))
+    sampling = SamplingConfig(max_new_tokens=8, temperature=0.0, eos_id=None, cache_dtype="float32")
+    single = np.asarray(generate_fn(config, sampling)(base, None, ids, mask, pixels, jax.random.PRNGKey(0))["tokens"])
+    mesh = sharding.make_mesh((2, 2, 2))
+    shards = sharding.param_shardings(config, base, mesh)
+    sharded = jax.device_put(base, shards)
+    assert sharded["llm"]["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec == \
+        jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    batch = [jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)) for x in (ids, mask, pixels)]
+    with mesh, sharding.activation_rules():
+        run = jax.jit(lambda p, i, m, x: generate(config, p, None, i, m, x, jax.random.PRNGKey(0), sampling))
+        out = run(sharded, *batch)
+    np.testing.assert_array_equal(np.asarray(out["tokens"]), single)

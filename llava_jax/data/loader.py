@@ -155,9 +155,16 @@ class Loader:
     def _batches(self, epoch: int, position: int):
         slots: list = []
         cursor = (epoch, position)
+        skipped_in_a_row, shard_len = 0, len(self.shard_order(epoch))
         for example, pad, cursor in self._examples(epoch, position):
             if example is None and not pad:
-                continue  # a bad example: reported by the dataset; the next one takes its place
+                # A bad example (reported by the dataset): the next one takes its place. A
+                # whole epoch of them would otherwise make an endless stream spin forever.
+                skipped_in_a_row += 1
+                if skipped_in_a_row > shard_len:
+                    raise RuntimeError(f"no usable example in a whole epoch: {self.summary()}")
+                continue
+            skipped_in_a_row = 0
             slots.append(example)
             if len(slots) == self.batch_size:
                 yield self._collate(slots), cursor

@@ -118,7 +118,7 @@ def check_record(record: Any, report: DataReport, index: int, required: Mapping[
         if value is None or not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             report.skip("missing_field", index, f"field {name!r} missing or not {getattr(kind, '__name__', kind)}")
             return False
-    if "image" in record and not isinstance(record["image"], str):
+    if record.get("image") is not None and not isinstance(record["image"], str):
         report.skip("missing_field", index, "field 'image' is not a string")
         return False
     return True
