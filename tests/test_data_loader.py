@@ -124,16 +124,16 @@ def test_static_shapes_buckets_and_padding_side(data, tok):
     left = take(make(data, tok, seed=6, pad_side="left"), 12)
     lengths = {b["input_ids"].shape[1] for b in right}
     assert lengths <= {64, 128, 192} and len(lengths) >= 2
-    for r, l in zip(right, left):
-        assert r["input_ids"].shape == l["input_ids"].shape
+    for r, lft in zip(right, left):
+        assert r["input_ids"].shape == lft["input_ids"].shape
         assert r["pixel_values"].shape == (4, 28, 28, 3) and r["pixel_values"].dtype == np.float32
         assert r["input_ids"].dtype == np.int32 and r["attention_mask"].dtype == np.int32
         lens = r["attention_mask"].sum(1)
-        np.testing.assert_array_equal(lens, l["attention_mask"].sum(1))
+        np.testing.assert_array_equal(lens, lft["attention_mask"].sum(1))
         for k, n in enumerate(lens):
-            np.testing.assert_array_equal(r["input_ids"][k, :n], l["input_ids"][k, -n:])
+            np.testing.assert_array_equal(r["input_ids"][k, :n], lft["input_ids"][k, -n:])
             assert (r["input_ids"][k, n:] == tok.pad_id).all() and (r["loss_mask"][k, n:] == 0).all()
-            assert r["attention_mask"][k, :n].all() and l["attention_mask"][k, -n:].all()
+            assert r["attention_mask"][k, :n].all() and lft["attention_mask"][k, -n:].all()
             has_image = r["meta"][k]["image"] is not None
             assert ((r["input_ids"][k] == IMG).sum() == N) == has_image
             assert r["pixel_values"][k].any() == has_image  # text-only items get a zero image

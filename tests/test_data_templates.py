@@ -52,8 +52,9 @@ def test_vicuna_v1_exact_layout_two_rounds_with_image(tok):
     eos_positions = np.flatnonzero(enc.ids == tok.eos_id)
     assert len(eos_positions) == 2 and enc.targets[eos_positions].all()
     assert not enc.targets[enc.ids == IMG].any() and not enc.targets[0]
-    assert render(turns, has_image=True) == (VICUNA_SYSTEM + " USER: <image>\nWhat is in the image? ASSISTANT: "
-                                             "There is a red circle.</s>USER: What color is it? ASSISTANT: It is red.</s>")
+    assert render(turns, has_image=True) == (
+        VICUNA_SYSTEM + " USER: <image>\nWhat is in the image? ASSISTANT: There is a red circle.</s>"
+        "USER: What color is it? ASSISTANT: It is red.</s>")
 
 
 def _llava_reference(prompt: str, tok: HFTokenizer, n: int, has_image: bool):

@@ -18,7 +18,6 @@ from typing import Any, Iterable, Sequence
 
 from llava_jax.data.batching import Schema
 from llava_jax.data.datasets import RecordDataset, _Item, _Skip
-from llava_jax.data.records import check_record
 from llava_jax.data.templates import USER, Turn, encode_prompt
 
 EVAL_FORMATS = ("vqa", "pope", "mmhal")

@@ -234,7 +234,8 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, image_token: st
     tok.add_special_tokens(fillers + [image_token])
     if tok.token_to_id(image_token) != vocab_size - 1:
         raise RuntimeError("could not place the image token at the last id")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", extra_special_tokens=[image_token])
 

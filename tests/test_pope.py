@@ -1,0 +1,31 @@
+"""POPE scoring against hand-counted confusion matrices."""
+import pytest
+
+from llava_jax.pope import pope_answer, pope_by_category, pope_scores
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Yes, there is a dog in the image.", "yes"),
+    ("No, there is no dog.", "no"),
+    ("There is not a dog in the image.", "no"),
+    ("Yes. But no cat is visible.", "yes"),  # only the first sentence counts
+    ("Nope", "yes"),  # not the word "No"
+    ("No,there is none", "yes"),  # commas are removed, not replaced by spaces: "Nothere"
+    ("NO.", "yes"),  # case-sensitive as the original
+])
+def test_pope_answer_rules(text, expected):
+    assert pope_answer(text) == expected
+
+
+def test_pope_scores_hand_counted():
+    answers = ["Yes", "Yes", "No", "No", "Yes", "No"]
+    labels = ["yes", "no", "no", "yes", "yes", "no"]
+    s = pope_scores(answers, labels)  # TP=2 FP=1 TN=2 FN=1
+    assert (s["tp"], s["fp"], s["tn"], s["fn"]) == (2, 1, 2, 1)
+    assert s["accuracy"] == pytest.approx(4 / 6) and s["precision"] == pytest.approx(2 / 3)
+    assert s["recall"] == pytest.approx(2 / 3) and s["f1"] == pytest.approx(2 / 3)
+    assert s["yes_ratio"] == pytest.approx(0.5)
+    degenerate = pope_scores(["No"] * 3, ["yes", "no", "yes"])
+    assert degenerate["precision"] == 0.0 and degenerate["f1"] == 0.0 and degenerate["accuracy"] == pytest.approx(1 / 3)
+    by = pope_by_category([("random", "Yes", "yes"), ("adversarial", "Yes", "no")])
+    assert by["random"]["accuracy"] == 1.0 and by["adversarial"]["accuracy"] == 0.0 and by["all"]["n"] == 2
