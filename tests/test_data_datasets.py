@@ -176,7 +176,8 @@ def rl(ctype=None, image="good.png", q="What is it?", **extra):
 def test_rl_prompts_with_captions_and_aok_rule(folder, tok):
     captions = {"good.png": ["a grey picture"], "aok_good.png": ["the answer is B"], "other.png": ["dark"]}
     assert caption_key("coco/good.png", 3) == "aok_good.png" and caption_key("good.png", 6) == "good.png"
-    assert lookup_captions(captions, "good.png", 2) == ["the answer is B"] and lookup_captions(captions, "x.png") is None
+    assert lookup_captions(captions, "good.png", 2) == ["the answer is B"]
+    assert lookup_captions(captions, "x.png") is None
     records = [rl(), rl(3, length_bonus=0.5), rl(6, image="other.png"), rl(7, image="other.png"),
                rl(9), rl(True), rl(2, image="other.png"), rl(1, length_bonus="big"), rl(1, q="long " * 200)]
     path = write(folder, "rl.json", records)

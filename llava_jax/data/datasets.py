@@ -36,14 +36,18 @@ def vision_kwargs(config: Any, pad_to_square: bool = True) -> dict[str, Any]:
                 image_processor=ImageProcessor.for_image_size(int(config.vision.image_size), pad_to_square))
 
 
-class _Skip(Exception):
+class SkipRecord(Exception):
+    """Raised by dataset code for a bad record; `reason` is its counter name in the report."""
+
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
-class _Item:
+class Item:
+    """A validated record: what `load` needs to build its example."""
+
     index: int  # record index in the file
     image: str | None
     data: dict
@@ -63,11 +67,11 @@ class RecordDataset:
         self.num_image_tokens, self.image_token_index = num_image_tokens, image_token_index
         self.max_length = max_length
         self.report = DataReport(os.path.basename(path), strict)
-        self.items: list[_Item] = []
+        self.items: list[Item] = []
         for index, record in read_records(path, self.report):
             try:
                 item = self._parse(index, record)
-            except (ConversationError, _Skip) as e:
+            except (ConversationError, SkipRecord) as e:
                 self.report.skip(e.reason, index, str(e))
                 continue
             if item is not None:
@@ -80,20 +84,20 @@ class RecordDataset:
         item = self.items[i]
         try:
             example = self._build(item)
-        except (ImageLoadError, ConversationError, _Skip) as e:
+        except (ImageLoadError, ConversationError, SkipRecord) as e:
             self.report.skip(e.reason, item.index, str(e))
             return None
         example["meta"] = {"index": item.index, "image": item.image, **example.get("meta", {})}
         return example
 
     # -- helpers for subclasses
-    def _parse(self, index: int, record: Any) -> _Item | None:
+    def _parse(self, index: int, record: Any) -> Item | None:
         raise NotImplementedError
 
-    def _build(self, item: _Item) -> dict:
+    def _build(self, item: Item) -> dict:
         raise NotImplementedError
 
-    def _image(self, item: _Item, *processors: ImageProcessor) -> Any:
+    def _image(self, item: Item, *processors: ImageProcessor) -> Any:
         """The item's image through `processors` (default: the dataset's), decoded once."""
         processors = processors or (self.image_processor,)
         if item.image is None:
@@ -103,19 +107,19 @@ class RecordDataset:
             pixels = [p(image) for p in processors]
         return pixels if len(processors) > 1 else pixels[0]
 
-    def _n_image(self, item: _Item) -> int:
+    def _n_image(self, item: Item) -> int:
         return self.num_image_tokens if item.image is not None else 0
 
     def _turns(self, record: dict) -> list[Turn]:
         return normalize_turns(record["conversations"])
 
-    def _fit(self, item: _Item, encoded: Encoded, cut: bool) -> Encoded:
+    def _fit(self, item: Item, encoded: Encoded, cut: bool) -> Encoded:
         """Truncates (SFT) or rejects (when the end matters) sequences over max_length."""
         if len(encoded) <= self.max_length:
             return encoded
         short = truncate(encoded, self.max_length) if cut else None
         if short is None:
-            raise _Skip("too_long", f"{len(encoded)} tokens > max_length {self.max_length}")
+            raise SkipRecord("too_long", f"{len(encoded)} tokens > max_length {self.max_length}")
         self.report.truncated(item.index)
         return short
 
@@ -136,8 +140,8 @@ class SFTDataset(RecordDataset):
             return None
         turns = self._turns(record)
         if not any(t.role == ASSISTANT for t in turns):
-            raise _Skip("empty_conversation", "no assistant turn to learn from")
-        return _Item(index, record.get("image"), {"turns": turns, "id": record.get("id")})
+            raise SkipRecord("empty_conversation", "no assistant turn to learn from")
+        return Item(index, record.get("image"), {"turns": turns, "id": record.get("id")})
 
     def _build(self, item):
         encoded = encode_conversation(item.data["turns"], self.tokenizer, self.template,
@@ -173,23 +177,23 @@ class PreferenceDataset(RecordDataset):
             return None
         outputs = [record[k].get("value") for k in ("output_1", "output_2")]
         if not all(isinstance(o, str) for o in outputs):
-            raise _Skip("missing_field", "output_1/output_2 need a string 'value'")
+            raise SkipRecord("missing_field", "output_1/output_2 need a string 'value'")
         preference = record.get("preference")
         if isinstance(preference, bool) or preference not in (1, 2):
-            raise _Skip("bad_preference", f"preference must be 1 or 2, got {preference!r}")
+            raise SkipRecord("bad_preference", f"preference must be 1 or 2, got {preference!r}")
         turns = self._turns(record)
         context = turns[:-1] if turns[-1].role == ASSISTANT else turns  # the last gpt turn is replaced
         if not context or context[-1].role != USER:
-            raise _Skip("bad_roles", "the context must end with a user turn")
+            raise SkipRecord("bad_roles", "the context must end with a user turn")
         captions = None
         if self.captions is not None and record.get("image") is not None:
             captions = lookup_captions(self.captions, record["image"])
             if captions is None:
-                raise _Skip("missing_captions", f"no captions for {record['image']!r}")
+                raise SkipRecord("missing_captions", f"no captions for {record['image']!r}")
             order = np.random.default_rng([self.seed, index]).permutation(len(captions))
             captions = [captions[j] for j in order]
         hallucination = record.get("hallucination")
-        return _Item(index, record.get("image"), {
+        return Item(index, record.get("image"), {
             "context": context, "outputs": outputs, "choice": int(preference) - 1, "captions": captions,
             "hallucination": -1 if hallucination is None else int(bool(hallucination)), "id": record.get("id")})
 
@@ -235,17 +239,17 @@ class RLPromptDataset(RecordDataset):
         query = self._turns(record)[0]
         caption_type = record.get("caption_type", 1)
         if isinstance(caption_type, bool) or caption_type not in CAPTION_TYPE_ANSWERS:
-            raise _Skip("bad_caption_type", f"caption_type must be 1..7, got {caption_type!r}")
+            raise SkipRecord("bad_caption_type", f"caption_type must be 1..7, got {caption_type!r}")
         length_bonus = record.get("length_bonus", 1.0)
         if isinstance(length_bonus, bool) or not isinstance(length_bonus, (int, float)):
-            raise _Skip("missing_field", f"length_bonus must be a number, got {length_bonus!r}")
+            raise SkipRecord("missing_field", f"length_bonus must be a number, got {length_bonus!r}")
         image = record.get("image")
         captions = None
         if self.captions is not None and image is not None:
             captions = lookup_captions(self.captions, image, int(caption_type))
             if captions is None:
-                raise _Skip("missing_captions", f"no captions for {image!r} (caption_type {caption_type})")
-        return _Item(index, image, {"query": query, "caption_type": int(caption_type), "captions": captions,
+                raise SkipRecord("missing_captions", f"no captions for {image!r} (caption_type {caption_type})")
+        return Item(index, image, {"query": query, "caption_type": int(caption_type), "captions": captions,
                                     "length_bonus": float(length_bonus), "id": record.get("id")})
 
     def _build(self, item):
@@ -254,7 +258,7 @@ class RLPromptDataset(RecordDataset):
                                 image_token_index=self.image_token_index)
         text_tokens = len(encoded) - max(self._n_image(item) - 1, 0)
         if text_tokens > self.max_query_tokens:
-            raise _Skip("too_long", f"query of {text_tokens} tokens > max_query_tokens {self.max_query_tokens}")
+            raise SkipRecord("too_long", f"query of {text_tokens} tokens > max_query_tokens {self.max_query_tokens}")
         self._fit(item, encoded, cut=False)
         example = {"input_ids": encoded.ids, "caption_type": d["caption_type"], "length_bonus": d["length_bonus"],
                    "meta": {"id": d["id"], "captions": d["captions"], "question": d["query"].text,

@@ -17,7 +17,7 @@ import uuid
 from typing import Any, Iterable, Sequence
 
 from llava_jax.data.batching import Schema
-from llava_jax.data.datasets import RecordDataset, _Item, _Skip
+from llava_jax.data.datasets import RecordDataset, Item, SkipRecord
 from llava_jax.data.templates import USER, Turn, encode_prompt
 
 EVAL_FORMATS = ("vqa", "pope", "mmhal")
@@ -39,25 +39,25 @@ def detect_format(path: str, records: Sequence[Any]) -> str:
 
 
 def parse_question(record: Any, index: int, fmt: str) -> EvalQuestion:
-    """One eval record -> EvalQuestion; raises _Skip("missing_field" | "bad_label")."""
+    """One eval record -> EvalQuestion; raises SkipRecord("missing_field" | "bad_label")."""
     if not isinstance(record, dict):
-        raise _Skip("missing_field", f"record is a {type(record).__name__}, not an object")
+        raise SkipRecord("missing_field", f"record is a {type(record).__name__}, not an object")
     if fmt == "mmhal":
         question = record.get("question")
         image = record.get("image_path") or (os.path.basename(record["image_src"]) if record.get("image_src") else None)
         if not isinstance(question, str) or not isinstance(image, str):
-            raise _Skip("missing_field", "MMHal items need 'question' and 'image_path' (or 'image_src')")
+            raise SkipRecord("missing_field", "MMHal items need 'question' and 'image_path' (or 'image_src')")
         return EvalQuestion(index, question, image, record=record)
     if not isinstance(record.get("text"), str) or "question_id" not in record:
-        raise _Skip("missing_field", "questions need 'question_id' and 'text'")
+        raise SkipRecord("missing_field", "questions need 'question_id' and 'text'")
     image = record.get("image")
     if image is not None and not isinstance(image, str):
-        raise _Skip("missing_field", "field 'image' is not a string")
+        raise SkipRecord("missing_field", "field 'image' is not a string")
     label = record.get("label")
     if fmt == "pope":
         label = str(label).strip().lower() if label is not None else None
         if label not in ("yes", "no"):
-            raise _Skip("bad_label", f"POPE label must be yes/no, got {record.get('label')!r}")
+            raise SkipRecord("bad_label", f"POPE label must be yes/no, got {record.get('label')!r}")
     return EvalQuestion(record["question_id"], record["text"], image, label, record)
 
 
@@ -82,7 +82,7 @@ class EvalDataset(RecordDataset):
         if self.fmt not in EVAL_FORMATS:
             raise ValueError(f"unknown eval format {self.fmt!r}; expected one of {EVAL_FORMATS}")
         question = parse_question(record, index, self.fmt)
-        return _Item(index, question.image, {"question": question})
+        return Item(index, question.image, {"question": question})
 
     def _build(self, item):
         question = item.data["question"]
@@ -102,7 +102,7 @@ def load_eval_questions(path: str, fmt: str | None = None) -> tuple[str, list[Ev
     for index, record in enumerate(records):
         try:
             out.append(parse_question(record, index, fmt))
-        except _Skip as e:
+        except SkipRecord as e:
             raise ValueError(f"{path}[{index}]: {e.reason}: {e}") from None
     return fmt, out
 

@@ -1,0 +1,56 @@
+"""Optimiser and learning-rate schedules from a config (AdamW, warmup + cosine / constant,
+global-norm clipping), as LLaVA-RLHF's stages use them."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import optax
+
+SCHEDULES = ("cosine", "constant", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 2e-5
+    schedule: str = "cosine"  # cosine | constant | linear (decay to 0), all after a linear warmup
+    warmup_steps: int = 0  # absolute warmup steps (wins over warmup_ratio when > 0)
+    warmup_ratio: float = 0.03  # fraction of total steps
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0: no clipping
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    return cfg.warmup_steps if cfg.warmup_steps > 0 else int(math.ceil(cfg.warmup_ratio * total_steps))
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then the named shape (HF's cosine / constant-with-warmup)."""
+    warm = warmup_steps(cfg, total_steps)
+    decay = max(total_steps - warm, 1)
+    warmup = optax.linear_schedule(0.0, cfg.learning_rate, max(warm, 1))
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.learning_rate)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(cfg.learning_rate, 0.0, decay)
+    else:
+        after = optax.cosine_decay_schedule(cfg.learning_rate, decay)
+    if warm == 0:
+        return after
+    return optax.join_schedules([warmup, after], [warm])
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = make_schedule(cfg, total_steps)
+    chain = []
+    if cfg.max_grad_norm > 0:
+        chain.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+    chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    return optax.chain(*chain), schedule
