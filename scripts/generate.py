@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Answers for an eval question file (LLaVA model_vqa, POPE or MMHal-Bench), batched.
+
+  python scripts/generate.py --ckpt CKPT [--adapter policy] --tokenizer DIR --questions FILE \\
+      --image-folder DIR --format vqa|pope|mmhal --out FILE [--temperature 0] [--top-p 1] --max-new-tokens 128
+
+Temperature 0 is greedy. Resumable: questions already answered in --out are skipped. POPE
+also prints accuracy, precision, recall, F1 and yes-ratio (as the POPE evaluation computes
+them, per `category` when the file has one). MMHal-Bench answers are the items with
+`model_answer` filled in (the layout its GPT-4 judging script reads) plus a compact
+`<out>.judge.jsonl`; the judging itself needs a network and is not run here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+
+def _key(answer_or_question: dict, fmt: str) -> str:
+    """Identity of a question across runs (MMHal items have no id: question + image)."""
+    record = answer_or_question
+    if fmt == "mmhal":
+        return json.dumps([record.get("question"), record.get("image_path") or record.get("image_src")])
+    return json.dumps(record.get("question_id"))
+
+
+def read_answers(path: str, fmt: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        if fmt == "mmhal":
+            return json.load(f)
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def save_answers(path: str, answers: list[dict], fmt: str) -> None:
+    """Atomic rewrite, so an interrupted run never leaves a truncated answers file."""
+    from llava_jax.data import write_answers
+
+    tmp = path + ".tmp"
+    write_answers(tmp, answers, fmt)
+    os.replace(tmp, path)
+
+
+def report_pope(questions_path: str, answers: list[dict]) -> dict:
+    from llava_jax.pope import pope_by_category
+
+    with open(questions_path) as f:
+        questions = {json.dumps(q["question_id"]): q for q in (json.loads(line) for line in f if line.strip())}
+    rows = [(questions[_key(a, "pope")].get("category", ""), a["text"], questions[_key(a, "pope")]["label"])
+            for a in answers if _key(a, "pope") in questions]
+    scores = pope_by_category(rows)
+    print(f"{'category':<14}{'n':>5}{'accuracy':>10}{'precision':>11}{'recall':>8}{'F1':>8}{'yes-ratio':>11}")
+    for name, s in scores.items():
+        print(f"{name:<14}{s['n']:>5}{s['accuracy']:>10.4f}{s['precision']:>11.4f}{s['recall']:>8.4f}"
+              f"{s['f1']:>8.4f}{s['yes_ratio']:>11.4f}")
+    return scores
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="converted checkpoint (tools/convert_hf.py import)")
+    p.add_argument("--adapter", help="adapter name inside the checkpoint (e.g. policy)")
+    p.add_argument("--tokenizer", required=True, help="HF tokenizer directory")
+    p.add_argument("--questions", required=True)
+    p.add_argument("--image-folder", default="")
+    p.add_argument("--format", choices=("vqa", "pope", "mmhal"), required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--template", default="vicuna_v1")
+    p.add_argument("--max-length", type=int, default=2048, help="longest prompt (tokens, image included)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--model-id", help="model_id written into answers (default: checkpoint[/adapter] name)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+
+    from llava_jax.convert import load_adapter, load_checkpoint
+    from llava_jax.data import EvalDataset, Loader, load_tokenizer, make_answer, vision_kwargs
+    from llava_jax.sampling import SamplingConfig, generate_fn
+
+    config, base = load_checkpoint(a.ckpt, dtype=a.dtype)
+    config = config.with_runtime(dtype=a.dtype)
+    adapter = load_adapter(a.ckpt, a.adapter)[0] if a.adapter else None
+    tokenizer = load_tokenizer(a.tokenizer)
+    dataset = EvalDataset(a.questions, tokenizer, fmt=a.format, image_folder=a.image_folder, template=a.template,
+                          max_length=a.max_length, **vision_kwargs(config))
+    answers = read_answers(a.out, a.format)
+    done = {_key(ans, a.format) for ans in answers}
+    total = len(dataset.items)
+    dataset.items = [item for item in dataset.items
+                     if _key(item.data["question"].record or {"question_id": item.data["question"].question_id},
+                             a.format) not in done]
+    model_id = a.model_id or os.path.basename(os.path.normpath(a.ckpt)) + (f"/{a.adapter}" if a.adapter else "")
+    print(f"{total} questions, {total - len(dataset.items)} already answered in {a.out}")
+
+    if dataset.items:
+        sampling = SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                                  top_k=a.top_k, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                  cache_dtype=a.dtype)
+        run = generate_fn(config, sampling)
+        loader = Loader(dataset, a.batch_size, shuffle=False, num_epochs=1, drop_remainder=False, pad_side="left",
+                        process_index=0, process_count=1)
+        rng = jax.random.PRNGKey(a.seed)
+        with tqdm(total=len(dataset.items), desc="generate", unit="q") as bar:
+            for batch in loader:
+                rng, key = jax.random.split(rng)
+                out = run(base, adapter, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], key)
+                tokens, mask = np.asarray(out["tokens"]), np.asarray(out["mask"])
+                for row, (valid, meta) in enumerate(zip(batch["valid"], batch["meta"])):
+                    if not valid or meta is None:
+                        continue
+                    text = tokenizer.decode(tokens[row][mask[row]].tolist()).strip()
+                    answers.append(make_answer(meta["question"], text, model_id=model_id, fmt=a.format))
+                save_answers(a.out, answers, a.format)
+                bar.update(int(np.sum(batch["valid"])))
+        print(dataset.report.summary())
+    print(f"wrote {len(answers)} answers to {a.out}")
+    if a.format == "mmhal":
+        judge = a.out + ".judge.jsonl"
+        with open(judge, "w") as f:
+            for ans in answers:
+                f.write(json.dumps({k: ans.get(k) for k in ("question_type", "question_topic", "image_content",
+                                                            "question", "gt_answer", "model_answer")}) + "\n")
+        print(f"judge-ready file: {judge} (GPT-4 judging needs a network; not run here)")
+    if a.format == "pope":
+        return report_pope(a.questions, answers)
+    return None
+
+
+if __name__ == "__main__":
+    main()
