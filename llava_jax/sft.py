@@ -1,0 +1,50 @@
+"""Supervised fine-tuning (and stage-1 pretraining): next-token cross-entropy on assistant
+tokens. `sft_step` is pure: (state, frozen base, batch) -> (state, metrics).
+
+The loss is the mean over every target token of the global batch (micro-batches
+accumulated by summing, then dividing by the token count), so it does not depend on how
+the batch is split across devices or accumulation steps.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llava_jax import lora as lora_lib
+from llava_jax.train_state import ModelSpec, TrainState, accumulate, apply_gradients, assemble
+
+IGNORE_INDEX = -100
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of CE over weighted next-token targets, number of targets); labels -100 ignored."""
+    targets = labels[:, 1:]
+    mask = (targets != IGNORE_INDEX) & (weights[:, None] > 0)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
+    return -jnp.sum(jnp.where(mask, picked, 0.0)), jnp.sum(mask).astype(jnp.float32)
+
+
+def sft_loss_sums(spec: ModelSpec, params: dict, frozen: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    base, adapter, _ = assemble(spec, params, frozen)
+    rngs = {"dropout": rng} if spec.lora is not None and spec.lora.dropout > 0 else None
+    logits = lora_lib.forward(spec.config, base, adapter, batch["input_ids"], batch["pixel_values"],
+                              batch["attention_mask"], rngs=rngs)
+    ce, tokens = token_cross_entropy(logits, batch["labels"], batch["valid"])
+    correct = jnp.sum((jnp.argmax(logits[:, :-1], -1) == batch["labels"][:, 1:])
+                      & (batch["labels"][:, 1:] != IGNORE_INDEX) & (batch["valid"][:, None] > 0))
+    return ce, {"ce_sum": ce, "tokens": tokens, "correct": correct.astype(jnp.float32)}
+
+
+def sft_step(spec: ModelSpec, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+             state: TrainState, frozen: dict, batch: dict, grad_accum: int = 1) -> tuple[TrainState, dict]:
+    rng, step_rng = jax.random.split(state.rng)
+    loss_fn = lambda p, mb, key: sft_loss_sums(spec, p, frozen, mb, key)  # noqa: E731
+    grads, aux = accumulate(loss_fn, state.params, batch, grad_accum, step_rng)
+    tokens = jnp.maximum(aux["tokens"], 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / tokens, grads)
+    new_state, grad_norm = apply_gradients(state, grads, optimizer, rng)
+    metrics = {"loss": aux["ce_sum"] / tokens, "token_accuracy": aux["correct"] / tokens,
+               "grad_norm": grad_norm, "lr": schedule(state.step), "tokens": aux["tokens"]}
+    return new_state, metrics
