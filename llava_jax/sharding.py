@@ -56,16 +56,17 @@ def mesh_shape(shape: Sequence[int] | dict[str, int], num_devices: int) -> tuple
         if num_devices % known:
             raise ValueError(f"mesh {shape} cannot fill {num_devices} devices ({num_devices} % {known} != 0)")
         shape[shape.index(-1)] = num_devices // known
-    if math.prod(shape) != num_devices:
+    if math.prod(shape) > num_devices:
         raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
                          f"but {num_devices} are available")
     return tuple(shape)
 
 
 def make_mesh(shape: Sequence[int] | dict[str, int] = (1, -1, 1), devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh over `devices` (default all); a fully given shape may use only the first N."""
     devices = list(jax.devices() if devices is None else devices)
     resolved = mesh_shape(shape, len(devices))
-    return Mesh(np.asarray(devices).reshape(resolved), MESH_AXES)
+    return Mesh(np.asarray(devices[:math.prod(resolved)]).reshape(resolved), MESH_AXES)
 
 
 def _spec_for(shape: tuple[int, ...], logical: PartitionSpec | None, mesh: Mesh) -> PartitionSpec:

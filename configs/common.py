@@ -1,0 +1,75 @@
+"""Defaults shared by every config: each field with a one-line comment. Stage configs
+(`sft_7b.py`, `rm_13b.py`, `tiny_sft.py`, ...) start from `base_config()` and set what
+differs. Override any field from the command line: `--config.optim.learning_rate=1e-5`."""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = "sft"  # sft | rm | ppo (pretrain is sft with trainable=projector and template=plain)
+    c.seed = 0  # model init, data order, dropout
+    c.workdir = "runs/default"  # checkpoints/, metrics.jsonl and tb/ go here
+    c.resume = True  # continue from the latest checkpoint in workdir
+
+    c.model = ml_collections.ConfigDict()
+    c.model.init = "tiny"  # "tiny" (random tiny LLaVA) or a converted checkpoint directory
+    c.model.adapter = ""  # adapter inside model.init to start from ("" = none)
+    c.model.dtype = "float32"  # compute dtype
+    c.model.param_dtype = "float32"  # dtype of the frozen base on device
+    c.model.remat = "none"  # none | full | dots | dots_no_batch
+
+    c.train = ml_collections.ConfigDict()
+    c.train.trainable = "projector+llm"  # projector | projector+llm | lora | lora+projector
+    c.train.lora_rank = 64
+    c.train.lora_alpha = 16.0
+    c.train.lora_dropout = 0.0
+    c.train.lora_targets = "q,k,v,o,gate,up,down"
+    c.train.batch_size = 128  # global batch (all processes and accumulation steps)
+    c.train.grad_accum = 1  # micro-batches per step (sft)
+    c.train.num_epochs = 1.0
+    c.train.max_steps = -1  # > 0: stop after this many steps (e.g. RM early stop at 200)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 2e-5
+    c.optim.schedule = "cosine"  # cosine | constant | linear
+    c.optim.warmup_ratio = 0.03
+    c.optim.warmup_steps = 0  # > 0 wins over warmup_ratio
+    c.optim.weight_decay = 0.0
+    c.optim.max_grad_norm = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # JSON/JSONL in the LLaVA(-RLHF) format of the stage
+    c.data.image_folder = ""
+    c.data.captions = ""  # image -> captions JSON (rm with facts, ppo)
+    c.data.tokenizer = ""  # HF tokenizer directory
+    c.data.template = "vicuna_v1"  # vicuna_v1 | plain
+    c.data.max_length = 1280  # tokens, image placeholders included
+    c.data.num_buckets = 3  # static sequence lengths (halving down from max_length)
+    c.data.workers = 2  # image-decoding threads per process
+    c.data.eval_size = 0  # records held out from data.train for evaluation
+    c.data.strict = False  # bad records: raise instead of skip-and-count
+
+    c.rm = ml_collections.ConfigDict()
+    c.rm.centering = 1e-3  # weight of |mean(r_chosen + r_rejected)|
+    c.rm.with_facts = True  # captions inside the "accurate" criterion (Fact-RLHF)
+    c.rm.prompt_file = ""  # reward prompt wording ("" = llava_jax/prompts/fact_rlhf_reward.txt)
+    c.rm.eval_every = 50  # steps between held-out evaluations
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # -1: all remaining devices
+    c.mesh.tensor = 1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 100  # steps
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every = 1
+    c.log.tensorboard = True
+    c.log.peak_tflops = 0.0  # per device, for MFU (0: look up the device kind)
+    return c

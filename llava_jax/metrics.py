@@ -1,0 +1,259 @@
+"""Training metrics: JSONL log, TensorBoard event files, FLOPs/MFU and a progress bar.
+
+`MetricsWriter` appends one JSON object per step to `<workdir>/metrics.jsonl`
+(`{"step": 10, "loss": 1.23, ...}`, flushed per line) and mirrors numeric values as
+TensorBoard scalars in `<workdir>/tb/events.out.tfevents.<time>.<host>`. The event files
+are written without TensorFlow: TFRecord framing with CRC32C and a hand-encoded `Event`
+protobuf, so TensorBoard is only needed to *view* them. Non-finite floats (NaN/inf) are
+written to JSONL as `null` so every line stays strict JSON (readable by any parser);
+TensorBoard gets the real float, which it displays natively.
+
+Only process 0 writes; other processes get no-op writers and disabled progress bars.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import struct
+import time
+from typing import Any, BinaryIO
+
+from tqdm import tqdm
+
+# --- CRC32C (Castagnoli, reflected polynomial 0x82F63B78) and TFRecord framing ---------
+_CRC_TABLE = []
+for _byte in range(256):
+    _c = _byte
+    for _ in range(8):
+        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
+    _CRC_TABLE.append(_c)
+_MASK32 = 0xFFFFFFFF
+
+
+def crc32c(data: bytes) -> int:
+    crc = _MASK32
+    for b in data:
+        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ _MASK32
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord stores rotated+offset CRCs so that CRCs of CRC-bearing data stay well mixed."""
+    crc = crc32c(data)
+    return ((((crc >> 15) | (crc << 17)) & _MASK32) + 0xA282EAD8) & _MASK32
+
+
+def _tfrecord(data: bytes) -> bytes:
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+# --- minimal protobuf encoding -----------------------------------------------------------
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative int64 -> 10-byte two's complement, as protobuf does
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, wire: int, payload: bytes) -> bytes:
+    if wire == 2:  # length-delimited: string / bytes / sub-message
+        payload = _varint(len(payload)) + payload
+    return _varint((number << 3) | wire) + payload
+
+
+def _encode_event(wall_time: float, step: int, *, file_version: str | None = None,
+                  scalars: dict[str, float] | None = None, session_start: bool = False) -> bytes:
+    """Event{wall_time=1 double, step=2 int64, file_version=3 | summary=5 | session_log=7}."""
+    msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
+    if file_version is not None:
+        msg += _field(3, 2, file_version.encode())
+    if scalars:  # Summary{repeated Value value=1}, Value{tag=1 string, simple_value=2 float}
+        values = b"".join(_field(1, 2, _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", v)))
+                          for tag, v in scalars.items())
+        msg += _field(5, 2, values)
+    if session_start:  # SessionLog{status=1 enum}, START = 1
+        msg += _field(7, 2, _field(1, 0, _varint(1)))
+    return msg
+
+
+# --- metrics writer ----------------------------------------------------------------------
+def _to_python(key: str, value: Any) -> Any:
+    """numpy/jax scalars -> int/float; strings and bools pass through; arrays are refused."""
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if hasattr(value, "item") and getattr(value, "size", 1) == 1:  # numpy / jax (0-d) arrays
+        value = value.item()
+    if isinstance(value, (int, float)):  # bool is an int: kept as true/false in JSON, 0/1 in TensorBoard
+        return value
+    raise TypeError(f"metric {key!r}: expected a scalar, got {type(value).__name__}")
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl; unparseable lines (a line cut short by a kill) are skipped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+    return records
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+class MetricsWriter:
+    """`write(step, metrics)` -> one JSON line in workdir/metrics.jsonl (+ TensorBoard scalars).
+
+    resume_step: the step of the checkpoint being resumed. Lines with a later step were logged
+    by a run that died before checkpointing them; they are dropped (atomic rewrite), and the
+    event file starts with a SessionLog START at resume_step + 1, which tells TensorBoard to
+    discard its stale events from that step on.
+    """
+
+    def __init__(self, workdir: str, *, process_index: int = 0, tensorboard: bool = True,
+                 resume_step: int | None = None):
+        self.active = process_index == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._jsonl = None
+        self._events: BinaryIO | None = None
+        self.events_path: str | None = None
+        if not self.active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        if resume_step is not None and os.path.exists(self.path):
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)  # atomic: a kill now leaves either the old or new file
+        self._jsonl = open(self.path, "a")
+        if self._jsonl.tell() and not _ends_with_newline(self.path):
+            self._jsonl.write("\n")  # end a line cut short by a kill, so the next record starts clean
+        if tensorboard:
+            tb_dir = os.path.join(workdir, "tb")
+            os.makedirs(tb_dir, exist_ok=True)
+            self.events_path = os.path.join(tb_dir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
+            self._events = open(self.events_path, "ab")  # append: a same-second restart reuses the name
+            self._write_event(_encode_event(time.time(), 0, file_version="brain.Event:2"))
+            if resume_step is not None:
+                self._write_event(_encode_event(time.time(), resume_step + 1, session_start=True))
+
+    def _write_event(self, data: bytes) -> None:
+        assert self._events is not None
+        self._events.write(_tfrecord(data))
+        self._events.flush()
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        if self._jsonl is None:
+            raise ValueError("MetricsWriter is closed")
+        if "step" in metrics:
+            raise ValueError("'step' is reserved for the step argument")
+        values = {k: _to_python(k, v) for k, v in metrics.items()}
+        record = {"step": int(step)}
+        record.update({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()})
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+        self._jsonl.flush()
+        scalars = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}  # bools count as 0/1
+        if self._events is not None and scalars:
+            self._write_event(_encode_event(time.time(), int(step), scalars=scalars))
+
+    def close(self) -> None:
+        for f in (self._jsonl, self._events):
+            if f is not None:
+                f.close()
+        self._jsonl = self._events = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# --- FLOPs and model FLOPs utilization --------------------------------------------------
+def transformer_train_flops(num_params: int, tokens: int, num_layers: int, hidden: int, seq_len: int,
+                            *, lora: bool = False) -> float:
+    """Training FLOPs of one step over `tokens` tokens (the global batch, padding included).
+
+    Weights: forward 2*N per token, backward 2*N for activation gradients + 2*N for weight
+    gradients = 6*N. With LoRA the base weights are frozen, so their weight-gradient matmuls
+    are skipped: 4*N (adapter FLOPs are negligible and ignored). Attention scores/values
+    (QK^T and AV): 4*L*H*seq_len per token forward, twice that backward = 12*L*H*seq_len;
+    the LoRA flag leaves it unchanged, since those matmuls have no weights and both backward
+    products are activation gradients still needed to reach earlier adapters. Causal masking
+    is not discounted (kernels usually compute the full square). A fully frozen prefix with
+    no adapters (e.g. a vision tower) needs only its forward, 2*N: count it separately.
+    """
+    per_token_weights = (4 if lora else 6) * num_params
+    return float(per_token_weights * tokens + 12 * num_layers * hidden * seq_len * tokens)
+
+
+def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_device: float, num_devices: int) -> float:
+    """Achieved FLOP/s over the devices' combined peak, a fraction in [0, 1] for sane inputs."""
+    if step_seconds <= 0 or peak_flops_per_device <= 0 or num_devices <= 0:
+        raise ValueError("step_seconds, peak_flops_per_device and num_devices must be positive")
+    return flops_per_step / (step_seconds * peak_flops_per_device * num_devices)
+
+
+# (substring of the lowercased jax `device.device_kind`, dense bf16 peak FLOP/s per device);
+# first match wins, so more specific names come first ("v5 lite" before "v5").
+_PEAK_FLOPS = [
+    ("h100 pcie", 756e12), ("h100", 989e12), ("h200", 989e12), ("a100", 312e12),
+    ("v5 lite", 197e12), ("v5e", 197e12), ("v5p", 459e12), ("tpu v5", 459e12), ("v4", 275e12),
+]
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Dense bf16 peak of one device by its jax `device_kind`, or None (CPU / unknown)."""
+    kind = device_kind.lower()
+    return next((peak for key, peak in _PEAK_FLOPS if key in kind), None)
+
+
+# --- progress bar ------------------------------------------------------------------------
+class ProgressBar:
+    """tqdm bar of step/total with loss and tokens/s; silent on processes other than 0.
+
+    tokens/s is passed in rather than measured here so the bar shows the same number the
+    caller logs (and uses for MFU) instead of a second, differently-timed estimate.
+    """
+
+    def __init__(self, total: int, *, initial: int = 0, process_index: int = 0, desc: str = "train"):
+        self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", disable=process_index != 0,
+                         dynamic_ncols=True)
+
+    def update(self, step: int, *, loss: float | None = None, tokens_per_second: float | None = None) -> None:
+        """Move the bar to `step` (absolute, so skipped or resumed steps need no bookkeeping)."""
+        postfix = {}
+        if loss is not None:
+            postfix["loss"] = f"{float(loss):.4f}"
+        if tokens_per_second is not None:
+            postfix["tok/s"] = f"{float(tokens_per_second):,.0f}"
+        if postfix:
+            self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(step - self._bar.n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,46 @@
+#!/usr/bin/env python
+"""One driver for every stage:
+
+  python scripts/train.py --config configs/tiny_sft.py [--config.train.batch_size=32 ...]
+
+The stage (sft, rm) is a config field. Multi-host: TPU pod slices are detected by
+`jax.distributed.initialize()` (set LLAVA_JAX_DISTRIBUTED=1 or pass --coordinator); GPU
+clusters pass --coordinator HOST:PORT --num_processes N --process_id I.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", lock_config=True)
+flags.DEFINE_string("coordinator", None, "jax.distributed coordinator address HOST:PORT")
+flags.DEFINE_integer("num_processes", None, "number of processes (with --coordinator)")
+flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator)")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint phase at INFO
+    import jax
+
+    if FLAGS.coordinator:
+        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    elif os.environ.get("LLAVA_JAX_DISTRIBUTED"):
+        jax.distributed.initialize()
+    from llava_jax.trainer import run
+
+    cfg = FLAGS.config
+    if cfg is None:
+        sys.exit("--config is required, e.g. --config configs/tiny_sft.py")
+    try:
+        run(cfg)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)
