@@ -215,8 +215,9 @@ def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_device: float
 # (substring of the lowercased jax `device.device_kind`, dense bf16 peak FLOP/s per device);
 # first match wins, so more specific names come first ("v5 lite" before "v5").
 _PEAK_FLOPS = [
-    ("h100 pcie", 756e12), ("h100", 989e12), ("h200", 989e12), ("a100", 312e12),
-    ("v5 lite", 197e12), ("v5e", 197e12), ("v5p", 459e12), ("tpu v5", 459e12), ("v4", 275e12),
+    ("h100 pcie", 756e12), ("h100 nvl", 835e12), ("h100", 989e12), ("h200", 989e12), ("a100", 312e12),
+    ("v6 lite", 918e12), ("v6e", 918e12), ("v5 lite", 197e12), ("v5e", 197e12), ("v5p", 459e12),
+    ("tpu v5", 459e12), ("v4", 275e12),
 ]
 
 

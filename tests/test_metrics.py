@@ -178,7 +178,8 @@ def test_flops_and_mfu_hand_example():
     assert peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
     assert peak_flops("TPU v4") == 275e12
     assert peak_flops("TPU v5 lite") == 197e12
-    assert peak_flops("TPU v5p") == 459e12
+    assert peak_flops("TPU v5p") == 459e12 and peak_flops("TPU v5") == 459e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("cpu") is None and peak_flops("mystery chip") is None
 
 
