@@ -222,7 +222,7 @@ def evaluate(cfg: Any, spec: ModelSpec, state: TrainState, frozen: dict, loader:
 
 def run(cfg: Any) -> dict:
     """Trains one stage as configured; returns the last logged metrics (plus eval)."""
-    from llava_jax.metrics import MetricsWriter, ProgressBar
+    from llava_jax.metrics import MetricsWriter, ProgressBar, mfu, peak_flops, transformer_train_flops
     from llava_jax.rm import rm_eval
 
     validate(cfg)
@@ -249,6 +249,8 @@ def run(cfg: Any) -> dict:
         loader.restore(loader_states[jax.process_index()])
     else:
         state = jax.jit(lambda p: create_state(p, optimizer, rng), out_shardings=state_sh)(params)
+    llm_params = sum(x.size for x in jax.tree_util.tree_leaves(base["llm"]))
+    peak = cfg.log.peak_tflops * 1e12 or peak_flops(jax.devices()[0].device_kind)
     del params, base
     step_fn = make_step(cfg, spec, optimizer, schedule, state_sh, frozen_sh, mesh)
     eval_fn = jax.jit(functools.partial(rm_eval, spec, centering=cfg.rm.centering)) if cfg.stage == "rm" else None
@@ -267,6 +269,10 @@ def run(cfg: Any) -> dict:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - begin
             metrics.update(tokens_per_s=tokens / seconds, step_seconds=seconds)
+            if peak:  # unknown on CPU
+                flops = transformer_train_flops(llm_params, int(tokens), config.text.num_layers, config.text.hidden_size,
+                                                batch["input_ids"].shape[-1], lora=spec.lora is not None)
+                metrics["mfu"] = mfu(flops, seconds, peak, jax.device_count())
             if eval_fn is not None and eval_loader is not None and (step % cfg.rm.eval_every == 0 or step == steps):
                 metrics.update(evaluate(cfg, spec, state, frozen, eval_loader, mesh, eval_fn))
             if step % cfg.log.every == 0 or step == steps:
@@ -281,6 +287,46 @@ def run(cfg: Any) -> dict:
     writer.close()
     bar.close()
     loader.close()
+    if not ckpt.preempted and last.get("step") == steps:
+        export_result(cfg, spec, state, frozen)
     if jax.process_index() == 0:
         print(loader.summary())
     return last
+
+
+def export_result(cfg: Any, spec: ModelSpec, state: TrainState, frozen: dict) -> str | None:
+    """The trained model for the next stage: `workdir/model`, a model checkpoint with the
+    trained base parts folded in; for LoRA stages `workdir/adapter`, laid out as
+    CKPT/adapters/NAME (with the reward head for the RM): copy it into the base checkpoint's
+    adapters/ to use it. Single-process runs only for now."""
+    import dataclasses
+    import json
+    import shutil
+
+    from llava_jax.convert import save_checkpoint
+    from llava_jax.convert.ckpt import ADAPTER_FORMAT, _save_tree
+
+    if jax.process_count() > 1:
+        print("export of the trained model is single-process only; use the last checkpoint in workdir/checkpoints")
+        return None
+    params = jax.device_get(state.params)
+    if "adapter" not in params:
+        dtype = jnp.dtype(cfg.model.param_dtype)
+        base = trainable.join_base(trainable.cast_tree(params["base"], dtype), jax.device_get(frozen))
+        path = os.path.join(cfg.workdir, "model")
+        save_checkpoint(path, spec.config, jax.tree_util.tree_map(np.asarray, base), overwrite=True,
+                        extra={"trained_by": cfg.stage})
+        return path
+    if "base" in params:
+        print("note: the projector trained by a lora+projector run stays in workdir/checkpoints")
+    path = os.path.join(cfg.workdir, "adapter")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    kind = "reward" if cfg.stage == "rm" else None
+    with open(os.path.join(path, "adapter.json"), "w") as f:
+        json.dump({"format": ADAPTER_FORMAT, "lora": dataclasses.asdict(spec.lora), "head": kind,
+                   "trained_by": cfg.stage}, f, indent=2)
+    _save_tree(os.path.join(path, "lora"), params["adapter"])
+    if kind:
+        _save_tree(os.path.join(path, "head"), params["head"])
+    return path

@@ -1,0 +1,259 @@
+#!/usr/bin/env python
+"""Training-step throughput (tokens/s, MFU) of our jitted `sft_step` vs HF PyTorch on the same weights.
+
+  python scripts/bench_train.py [--mode both|full|lora] [--layers 8 --hidden 512 --batch 4 --seq 512]
+                                [--lora-rank 16] [--steps 5] [--dtype float32] [--skip-hf]
+
+Builds a random llava-hf model (CPU-sized by default: LLaMA 8 layers, hidden 512, vocab 32000;
+CLIP 4 layers, hidden 256, 112 px -> 64 image tokens), imports it with the real `load_hf`, and
+times one training step (forward + backward + clipped AdamW) on a batch of `--seq` tokens
+(image placeholders first, then a 32-token prompt masked out of the labels) in both
+implementations, in the same run:
+  full: projector + LLM train, vision tower frozen (our `projector+llm`);
+  lora: rank `--lora-rank` adapters on q,k,v,o,gate,up,down of the LLM only (our `lora`; peft on HF).
+Each is timed over `--steps` steps after 2 warm-up steps (compile included); the median is
+reported. MFU counts model FLOPs (`transformer_train_flops` for the LLM, forward-only for the
+frozen vision tower) against the device's dense bf16 peak; "n/a" on CPU. With `--dtype
+bfloat16` our trainable leaves stay float32 (as the trainer keeps them) while HF trains in
+pure bfloat16. The footer prints both sides' step-0 losses, which should agree (same weights).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch too
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+PROMPT = 32  # text tokens after the image whose labels are masked (the "question")
+WARMUP = 2
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+HF_LORA_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LR = 2e-5
+
+
+def build_hf(layers: int, hidden: int, vocab: int, image_size: int, seed: int = 0):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    vision = transformers.CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                           num_attention_heads=4, image_size=image_size, patch_size=14)
+    text = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                                    num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                                    vocab_size=vocab, max_position_embeddings=2048)
+    config = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                      image_token_index=vocab - 1)
+    return transformers.LlavaForConditionalGeneration(config)
+
+
+def make_batch(batch: int, seq: int, vocab: int, n_img: int, image_token: int, image_size: int) -> dict:
+    if seq < n_img + PROMPT + 2:
+        raise SystemExit(f"--seq {seq} is too short: {n_img} image tokens + {PROMPT} prompt + 2 at least")
+    rng = np.random.RandomState(0)
+    ids = rng.randint(3, vocab - 1, size=(batch, seq)).astype(np.int32)
+    ids[:, :n_img] = image_token
+    labels = ids.copy()
+    labels[:, :n_img + PROMPT] = -100
+    return {"input_ids": ids, "labels": labels, "attention_mask": np.ones_like(ids),
+            "valid": np.ones((batch,), np.int32),
+            "pixel_values": rng.randn(batch, image_size, image_size, 3).astype(np.float32)}
+
+
+def time_steps(step, steps: int) -> tuple[float, float, float]:
+    """(median seconds/step over `steps` after WARMUP, step-0 loss, seconds of the first step)."""
+    first = time.perf_counter()
+    loss0 = step()
+    first = time.perf_counter() - first
+    for _ in range(WARMUP - 1):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), loss0, first
+
+
+def ours_step_fn(mode: str, config, base: dict, batch: dict, rank: int, alpha: float, dtype: str, total: int):
+    """A closure running one donated, jitted `sft_step` (trainable tree as trainer.split_trainable)."""
+    from llava_jax import lora as lora_lib, trainable
+    from llava_jax.optim import OptimConfig, make_optimizer
+    from llava_jax.sft import sft_step
+    from llava_jax.train_state import ModelSpec, create_state
+
+    rng = jax.random.PRNGKey(0)
+    train_base, frozen = trainable.split_base(base, ["projector", "llm"] if mode == "full" else [])
+    params: dict = {}
+    if train_base:
+        params["base"] = trainable.cast_tree(train_base, jnp.float32)
+    spec = ModelSpec(config)
+    if mode == "lora":
+        lcfg = lora_lib.LoraConfig(rank=rank, alpha=alpha, dropout=0.0, targets=LORA_TARGETS)
+        adapter = lora_lib.init_adapter(base, lcfg, jax.random.fold_in(rng, 1))
+        params["adapter"] = trainable.cast_tree(adapter.params, jnp.float32)
+        spec = ModelSpec(config, adapter.config)
+    # Own buffers: a same-dtype cast may alias `base`, which donation would then delete.
+    params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), params)
+    optimizer, schedule = make_optimizer(OptimConfig(learning_rate=LR, schedule="constant", warmup_ratio=0.0), total)
+    holder = {"state": create_state(params, optimizer, rng)}
+    step_fn = jax.jit(functools.partial(sft_step, spec, optimizer, schedule), donate_argnums=(0,))
+    jbatch = {k: jnp.asarray(v, dtype if k == "pixel_values" else None) for k, v in batch.items()}
+
+    def step() -> float:
+        holder["state"], metrics = step_fn(holder["state"], frozen, jbatch)
+        jax.block_until_ready(holder["state"])
+        return float(metrics["loss"])
+    return step
+
+
+def hf_step_fn(mode: str, hf, init_state: dict, batch: dict, rank: int, alpha: float, device):
+    """A closure running forward + backward + clipped AdamW on the HF model (peft for LoRA)."""
+    import torch
+
+    hf.load_state_dict(init_state)  # every mode starts from the imported weights
+    if mode == "full":
+        for p in hf.parameters():
+            p.requires_grad_(True)
+        for p in hf.model.vision_tower.parameters():
+            p.requires_grad_(False)
+        model = hf
+    else:
+        import peft
+
+        model = peft.get_peft_model(hf, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                          target_modules=HF_LORA_REGEX))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    dtype = next(hf.parameters()).dtype
+    inputs = {"input_ids": torch.tensor(batch["input_ids"], dtype=torch.long, device=device),
+              "labels": torch.tensor(batch["labels"], dtype=torch.long, device=device),
+              "attention_mask": torch.tensor(batch["attention_mask"], dtype=torch.long, device=device),
+              "pixel_values": torch.tensor(batch["pixel_values"]).permute(0, 3, 1, 2).contiguous().to(device, dtype)}
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = model(**inputs, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return float(loss.item())
+    return model, step
+
+
+def step_flops(mode: str, config, base: dict, batch: int, seq: int) -> float:
+    """Model FLOPs of one step: LLM (train or LoRA), projector on image tokens, frozen vision forward."""
+    from llava_jax.metrics import transformer_train_flops
+
+    size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    llm = size(base["llm"]) - size(base["llm"]["embed_tokens"])  # a lookup is no matmul
+    lora = mode == "lora"
+    text = config.text
+    flops = transformer_train_flops(llm, batch * seq, text.num_layers, text.hidden_size, seq, lora=lora)
+    flops += (2 if lora else 6) * size(base["projector"]) * batch * config.num_image_tokens
+    flops += 2 * size(base["vision"]) * batch * (config.vision.num_patches + 1)
+    return flops
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", default="both", choices=("both", "full", "lora"))
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512, help="tokens per item, image placeholders included")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--steps", type=int, default=5, help=f"timed steps, after {WARMUP} warm-up steps")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--skip-hf", action="store_true", help="time ours only (e.g. on a GPU without torch)")
+    a = p.parse_args()
+
+    from llava_jax.convert import load_hf
+    from llava_jax.metrics import peak_flops
+
+    modes = ["full", "lora"] if a.mode == "both" else [a.mode]
+    hf = None
+    try:
+        import torch
+        torch.set_num_threads(os.cpu_count() or 1)
+        hf = build_hf(a.layers, a.hidden, a.vocab, a.image_size)
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d)
+            config, base = load_hf(d)
+    except ImportError:
+        if not a.skip_hf:
+            raise
+        from llava_jax.models import clip, llama, llava  # no torch: same shapes, our own random init
+        config = llava.LlavaConfig(
+            vision=clip.ClipVisionConfig(image_size=a.image_size, patch_size=14, hidden_size=256,
+                                         intermediate_size=1024, num_layers=4, num_heads=4),
+            text=llama.LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 11 // 4,
+                                   num_layers=a.layers, num_heads=a.hidden // 64, num_kv_heads=a.hidden // 64,
+                                   max_position_embeddings=2048),
+            projector_type="mlp2x_gelu", image_token_index=a.vocab - 1)
+        base = llava.init_params(config, jax.random.PRNGKey(0))
+    config = config.with_runtime(dtype=a.dtype, param_dtype=a.dtype)
+    base = jax.tree_util.tree_map(lambda x: jnp.asarray(x, a.dtype), base)
+    batch = make_batch(a.batch, a.seq, a.vocab, config.num_image_tokens, config.image_token_index, a.image_size)
+    tokens = a.batch * a.seq
+    device = jax.devices()[0]
+    peak = peak_flops(device.device_kind)
+
+    init_state, torch_device = None, None
+    if hf is not None and not a.skip_hf:
+        torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        hf = hf.to(torch_device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype])
+        init_state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+
+    rows, losses, notes = [], {}, []
+    for mode in modes:
+        flops = step_flops(mode, config, base, a.batch, a.seq)
+        step = ours_step_fn(mode, config, base, batch, a.lora_rank, a.lora_alpha, a.dtype, WARMUP + a.steps)
+        secs, loss0, first = time_steps(step, a.steps)
+        del step
+        rows.append((f"ours-{mode}", mode, secs, flops))
+        losses[mode] = [loss0, None]
+        notes.append(f"ours-{mode}: compile + first step {first:.1f}s")
+        if init_state is not None:
+            hf, step = hf_step_fn(mode, hf, init_state, batch, a.lora_rank, a.lora_alpha, torch_device)
+            secs, loss0, _ = time_steps(step, a.steps)
+            del step
+            rows.append((f"HF-{mode}", mode, secs, flops))
+            losses[mode][1] = loss0
+
+    lora_note = f", LoRA r={a.lora_rank} alpha={a.lora_alpha:g}" if "lora" in modes else ""
+    print(f"LLaVA {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}, batch {a.batch} x seq {a.seq} "
+          f"({config.num_image_tokens} image tokens), {a.dtype}{lora_note}, jax on {device.device_kind}"
+          + (f", torch on {torch_device}" if torch_device is not None else "")
+          + f"; median of {a.steps} steps after {WARMUP} warm-up")
+    print(f"{'run':<12}{'s/step':>9}{'tokens/s':>11}{'MFU':>8}{'ours/HF':>9}")
+    hf_secs = {mode: secs for name, mode, secs, _ in rows if name.startswith("HF")}
+    for name, mode, secs, flops in rows:
+        mfu = f"{flops / secs / peak:.1%}" if peak else "n/a"
+        ratio = f"{hf_secs[mode] / secs:.2f}x" if name.startswith("ours") and mode in hf_secs else ""
+        print(f"{name:<12}{secs:>9.3f}{tokens / secs:>11.0f}{mfu:>8}{ratio:>9}")
+    print("ours/HF = tokens/s of ours over HF's (> 1: ours faster)")
+    for mode, (ours, ref) in losses.items():
+        diff = f", |diff| {abs(ours - ref):.2e}" if ref is not None else ""
+        print(f"step-0 loss {mode}: ours {ours:.6f}" + (f", HF {ref:.6f}{diff}" if ref is not None else ""))
+    for note in notes:
+        print(note)
+
+
+if __name__ == "__main__":
+    main()
