@@ -188,6 +188,19 @@ def to_device(batch: dict, mesh: Any) -> dict:
     return out
 
 
+def agree_length(batch: dict, loader: Any) -> dict:
+    """Pads this process's batch to the longest sequence bucket of any process: each process
+    buckets only its own rows, but the global batch needs one shape everywhere (the 1-process
+    run would have picked that same bucket for the whole batch)."""
+    if jax.process_count() == 1:
+        return batch
+    from jax.experimental import multihost_utils
+
+    length = batch["input_ids"].shape[-1]
+    longest = int(np.max(multihost_utils.process_allgather(np.asarray([length], np.int32))))
+    return loader.pad_to(batch, longest) if longest > length else batch
+
+
 def total_steps(cfg: Any, loader: Any) -> int:
     if cfg.train.max_steps > 0:
         return int(cfg.train.max_steps)
@@ -212,6 +225,7 @@ def evaluate(cfg: Any, spec: ModelSpec, state: TrainState, frozen: dict, loader:
     count = 0.0
     loader.restore({**loader.state(), "epoch": 0, "position": 0})
     for batch in loader:
+        batch = agree_length(batch, loader)
         n = float(np.sum(batch["valid"]))
         metrics = jax.device_get(eval_fn(state.params, frozen, to_device(batch, mesh)))
         for key, value in metrics.items():
@@ -262,7 +276,7 @@ def run(cfg: Any) -> dict:
     last: dict = {}
     with mesh, sharding.activation_rules():
         for step in range(start + 1, steps + 1):
-            batch = next(loader)
+            batch = agree_length(next(loader), loader)
             tokens = float(np.sum(batch["attention_mask"])) * jax.process_count()
             begin = time.perf_counter()
             state, metrics = step_fn(state, frozen, to_device(batch, mesh))

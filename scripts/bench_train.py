@@ -4,18 +4,14 @@
   python scripts/bench_train.py [--mode both|full|lora] [--layers 8 --hidden 512 --batch 4 --seq 512]
                                 [--lora-rank 16] [--steps 5] [--dtype float32] [--skip-hf]
 
-Builds a random llava-hf model (CPU-sized by default: LLaMA 8 layers, hidden 512, vocab 32000;
-CLIP 4 layers, hidden 256, 112 px -> 64 image tokens), imports it with the real `load_hf`, and
-times one training step (forward + backward + clipped AdamW) on a batch of `--seq` tokens
-(image placeholders first, then a 32-token prompt masked out of the labels) in both
-implementations, in the same run:
-  full: projector + LLM train, vision tower frozen (our `projector+llm`);
-  lora: rank `--lora-rank` adapters on q,k,v,o,gate,up,down of the LLM only (our `lora`; peft on HF).
-Each is timed over `--steps` steps after 2 warm-up steps (compile included); the median is
-reported. MFU counts model FLOPs (`transformer_train_flops` for the LLM, forward-only for the
-frozen vision tower) against the device's dense bf16 peak; "n/a" on CPU. With `--dtype
-bfloat16` our trainable leaves stay float32 (as the trainer keeps them) while HF trains in
-pure bfloat16. The footer prints both sides' step-0 losses, which should agree (same weights).
+Builds bench_generate's random llava-hf model (LLaMA 8 layers, hidden 512, vocab 32000; CLIP 4
+layers, 112 px -> 64 image tokens), imports it with the real `load_hf`, and times one training step
+(forward + backward + clipped AdamW) on `--seq` tokens per item (image placeholders, then a 32-token
+prompt masked out of the labels) in both implementations, in the same run. full: projector + LLM
+train, vision frozen; lora: adapters on q,k,v,o,gate,up,down of the LLM (peft on HF). Median of
+`--steps` steps after 2 warm-up. MFU: model FLOPs (`transformer_train_flops`, vision forward only)
+over the dense bf16 peak; "n/a" on CPU. With bfloat16 our trainable leaves stay float32 (as in the
+trainer), HF trains in pure bfloat16. The footer prints both step-0 losses (same weights: equal).
 """
 from __future__ import annotations
 
@@ -41,21 +37,6 @@ HF_LORA_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_
 LR = 2e-5
 
 
-def build_hf(layers: int, hidden: int, vocab: int, image_size: int, seed: int = 0):
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    vision = transformers.CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                                           num_attention_heads=4, image_size=image_size, patch_size=14)
-    text = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-                                    num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-                                    vocab_size=vocab, max_position_embeddings=2048)
-    config = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
-                                      image_token_index=vocab - 1)
-    return transformers.LlavaForConditionalGeneration(config)
-
-
 def make_batch(batch: int, seq: int, vocab: int, n_img: int, image_token: int, image_size: int) -> dict:
     if seq < n_img + PROMPT + 2:
         raise SystemExit(f"--seq {seq} is too short: {n_img} image tokens + {PROMPT} prompt + 2 at least")
@@ -71,17 +52,12 @@ def make_batch(batch: int, seq: int, vocab: int, n_img: int, image_token: int, i
 
 def time_steps(step, steps: int) -> tuple[float, float, float]:
     """(median seconds/step over `steps` after WARMUP, step-0 loss, seconds of the first step)."""
-    first = time.perf_counter()
-    loss0 = step()
-    first = time.perf_counter() - first
-    for _ in range(WARMUP - 1):
-        step()
-    times = []
-    for _ in range(steps):
+    times, losses = [], []
+    for _ in range(WARMUP + steps):
         start = time.perf_counter()
-        step()
+        losses.append(step())
         times.append(time.perf_counter() - start)
-    return statistics.median(times), loss0, first
+    return statistics.median(times[WARMUP:]), losses[0], times[0]
 
 
 def ours_step_fn(mode: str, config, base: dict, batch: dict, rank: int, alpha: float, dtype: str, total: int):
@@ -122,11 +98,8 @@ def hf_step_fn(mode: str, hf, init_state: dict, batch: dict, rank: int, alpha: f
 
     hf.load_state_dict(init_state)  # every mode starts from the imported weights
     if mode == "full":
-        for p in hf.parameters():
-            p.requires_grad_(True)
-        for p in hf.model.vision_tower.parameters():
-            p.requires_grad_(False)
-        model = hf
+        model = hf.requires_grad_(True)
+        hf.model.vision_tower.requires_grad_(False)
     else:
         import peft
 
@@ -136,10 +109,9 @@ def hf_step_fn(mode: str, hf, init_state: dict, batch: dict, rank: int, alpha: f
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     dtype = next(hf.parameters()).dtype
-    inputs = {"input_ids": torch.tensor(batch["input_ids"], dtype=torch.long, device=device),
-              "labels": torch.tensor(batch["labels"], dtype=torch.long, device=device),
-              "attention_mask": torch.tensor(batch["attention_mask"], dtype=torch.long, device=device),
-              "pixel_values": torch.tensor(batch["pixel_values"]).permute(0, 3, 1, 2).contiguous().to(device, dtype)}
+    inputs = {k: torch.tensor(batch[k], dtype=torch.long, device=device)
+              for k in ("input_ids", "labels", "attention_mask")}
+    inputs["pixel_values"] = torch.tensor(batch["pixel_values"]).permute(0, 3, 1, 2).contiguous().to(device, dtype)
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
@@ -159,8 +131,7 @@ def step_flops(mode: str, config, base: dict, batch: int, seq: int) -> float:
 
     size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     llm = size(base["llm"]) - size(base["llm"]["embed_tokens"])  # a lookup is no matmul
-    lora = mode == "lora"
-    text = config.text
+    lora, text = mode == "lora", config.text
     flops = transformer_train_flops(llm, batch * seq, text.num_layers, text.hidden_size, seq, lora=lora)
     flops += (2 if lora else 6) * size(base["projector"]) * batch * config.num_image_tokens
     flops += 2 * size(base["vision"]) * batch * (config.vision.num_patches + 1)
@@ -187,18 +158,22 @@ def main() -> None:
     from llava_jax.metrics import peak_flops
 
     modes = ["full", "lora"] if a.mode == "both" else [a.mode]
-    hf = None
-    try:
+    hf = torch_device = init_state = None
+    if not a.skip_hf:
         import torch
+
         torch.set_num_threads(os.cpu_count() or 1)
+        from scripts.bench_generate import build_hf  # the same random llava-hf model
+
         hf = build_hf(a.layers, a.hidden, a.vocab, a.image_size)
         with tempfile.TemporaryDirectory() as d:
             hf.save_pretrained(d)
             config, base = load_hf(d)
-    except ImportError:
-        if not a.skip_hf:
-            raise
-        from llava_jax.models import clip, llama, llava  # no torch: same shapes, our own random init
+        torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        hf = hf.to(torch_device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype])
+        init_state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    else:  # no torch needed: the same shapes, our own random init
+        from llava_jax.models import clip, llama, llava
         config = llava.LlavaConfig(
             vision=clip.ClipVisionConfig(image_size=a.image_size, patch_size=14, hidden_size=256,
                                          intermediate_size=1024, num_layers=4, num_heads=4),
@@ -214,27 +189,19 @@ def main() -> None:
     device = jax.devices()[0]
     peak = peak_flops(device.device_kind)
 
-    init_state, torch_device = None, None
-    if hf is not None and not a.skip_hf:
-        torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        hf = hf.to(torch_device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype])
-        init_state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
-
-    rows, losses, notes = [], {}, []
+    rows, footer = [], []
     for mode in modes:
         flops = step_flops(mode, config, base, a.batch, a.seq)
         step = ours_step_fn(mode, config, base, batch, a.lora_rank, a.lora_alpha, a.dtype, WARMUP + a.steps)
-        secs, loss0, first = time_steps(step, a.steps)
-        del step
+        secs, ours_loss, first = time_steps(step, a.steps)
         rows.append((f"ours-{mode}", mode, secs, flops))
-        losses[mode] = [loss0, None]
-        notes.append(f"ours-{mode}: compile + first step {first:.1f}s")
-        if init_state is not None:
+        line = f"step-0 loss {mode}: ours {ours_loss:.6f}"
+        if hf is not None:
             hf, step = hf_step_fn(mode, hf, init_state, batch, a.lora_rank, a.lora_alpha, torch_device)
-            secs, loss0, _ = time_steps(step, a.steps)
-            del step
+            secs, hf_loss, _ = time_steps(step, a.steps)
             rows.append((f"HF-{mode}", mode, secs, flops))
-            losses[mode][1] = loss0
+            line += f", HF {hf_loss:.6f}, |diff| {abs(ours_loss - hf_loss):.2e}"
+        footer.append(f"{line} (ours: compile + first step {first:.1f}s)")
 
     lora_note = f", LoRA r={a.lora_rank} alpha={a.lora_alpha:g}" if "lora" in modes else ""
     print(f"LLaVA {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}, batch {a.batch} x seq {a.seq} "
@@ -247,12 +214,9 @@ def main() -> None:
         mfu = f"{flops / secs / peak:.1%}" if peak else "n/a"
         ratio = f"{hf_secs[mode] / secs:.2f}x" if name.startswith("ours") and mode in hf_secs else ""
         print(f"{name:<12}{secs:>9.3f}{tokens / secs:>11.0f}{mfu:>8}{ratio:>9}")
-    print("ours/HF = tokens/s of ours over HF's (> 1: ours faster)")
-    for mode, (ours, ref) in losses.items():
-        diff = f", |diff| {abs(ours - ref):.2e}" if ref is not None else ""
-        print(f"step-0 loss {mode}: ours {ours:.6f}" + (f", HF {ref:.6f}{diff}" if ref is not None else ""))
-    for note in notes:
-        print(note)
+    if hf_secs:
+        print("ours/HF = tokens/s of ours over HF's (> 1: ours faster)")
+    print("\n".join(footer))
 
 
 if __name__ == "__main__":

@@ -52,12 +52,12 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _run_all(cmds: list, env: dict, logdir) -> None:
-    """Runs `cmds` concurrently; any failure or the timeout kills all of them and fails."""
+def _run_all(runs: list, logdir) -> None:
+    """Runs `(cmd, env)` pairs concurrently; any failure or the timeout kills all and fails."""
     os.makedirs(logdir, exist_ok=True)
-    procs, logs = [], []
+    procs, logs, failed = [], [], []
     try:
-        for i, cmd in enumerate(cmds):
+        for i, (cmd, env) in enumerate(runs):
             log = open(os.path.join(logdir, f"process_{i}.log"), "wb")
             logs.append(log)
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -81,8 +81,8 @@ def _run_all(cmds: list, env: dict, logdir) -> None:
         tails = []
         for i in failed:
             with open(os.path.join(logdir, f"process_{i}.log"), errors="replace") as f:
-                tails.append(f"--- process {i} (rc={procs[i].returncode}):\n" + f.read()[-3000:])
-        pytest.fail("training run failed or timed out\n" + "\n".join(tails))
+                tails.append(f"--- {' '.join(map(str, runs[i][0][1:]))} (rc={procs[i].returncode}):\n" + f.read()[-3000:])
+        pytest.fail("run failed or timed out\n" + "\n".join(tails))
 
 
 def _losses(workdir) -> list:
@@ -90,22 +90,97 @@ def _losses(workdir) -> list:
         return [json.loads(line)["loss"] for line in f]
 
 
-def _two_processes(workdir, extra=()) -> None:
+def _distributed(cmd: list, count: int = 2) -> list:
+    """`count` copies of `cmd` as one jax.distributed job on localhost, one CPU device each."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    cmds = [_cmd(workdir, extra) + [f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"]
-            for i in range(2)]
-    _run_all(cmds, _env(1), os.path.join(workdir, "logs"))
-
-
-def _one_process(workdir, extra=()) -> None:
-    _run_all([_cmd(workdir, extra)], _env(2), os.path.join(workdir, "logs"))
+    return [(cmd + [f"--coordinator={coordinator}", f"--num_processes={count}", f"--process_id={i}"], _env(1))
+            for i in range(count)]
 
 
 def test_two_processes_match_one_process_with_two_devices(tmp_path):
-    _one_process(tmp_path / "single")
-    _two_processes(tmp_path / "multi")
+    # The 1-process (2 devices) run and the 2-process job run side by side.
+    _run_all([(_cmd(tmp_path / "single"), _env(2)), *_distributed(_cmd(tmp_path / "multi"))], tmp_path / "logs")
     single, multi = _losses(tmp_path / "single"), _losses(tmp_path / "multi")
     assert len(single) == 3 and len(multi) == 3
     np.testing.assert_allclose(multi, single, rtol=0, atol=1e-5)
-    # Only process 0 writes metrics; both saved the final checkpoint together.
-    assert os.path.isdir(tmp_path / "multi" / "checkpoints" / "3")
+    assert os.path.isdir(tmp_path / "multi" / "checkpoints" / "3")  # saved by both processes together
+
+
+# --- processes that bucket their own rows differently still build one global batch -------
+# batch 4 (2 rows per process), buckets (40, 72, 144): at step 3 process 1's rows fit 72 and
+# process 0's need 144; unpadded, the processes would run differently shaped collectives.
+BUCKET_STEPS = 4
+BUCKET_OVERRIDES = dict(batch_size=4, max_length=144)
+
+
+def _bucket_config():
+    from configs.tiny_sft import get_config
+
+    cfg = get_config()
+    cfg.train.batch_size, cfg.data.max_length = BUCKET_OVERRIDES["batch_size"], BUCKET_OVERRIDES["max_length"]
+    cfg.data.workers = 0
+    return cfg
+
+
+def _bucket_child(out: str) -> None:
+    """One process of the 2-process job: the global input_ids and every process's own bucket."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from llava_jax import sharding
+    from llava_jax.models.llava import tiny_config
+    from llava_jax.trainer import agree_length, build_data, to_device
+
+    loader, _, _ = build_data(_bucket_config(), tiny_config())
+    mesh = sharding.make_mesh((1, -1, 1))
+    steps = []
+    for _ in range(BUCKET_STEPS):
+        local = next(loader)
+        own = multihost_utils.process_allgather(np.asarray([local["input_ids"].shape[-1]]))
+        batch = to_device(agree_length(local, loader), mesh)
+        ids = multihost_utils.process_allgather(batch["input_ids"], tiled=True)
+        steps.append({"own_lengths": np.asarray(own).ravel().tolist(), "input_ids": np.asarray(ids).tolist()})
+    if jax.process_index() == 0:
+        with open(out, "w") as f:
+            json.dump(steps, f)
+
+
+def test_processes_agree_on_the_bucket_of_the_global_batch(tmp_path):
+    from llava_jax.models.llava import tiny_config
+    from llava_jax.trainer import build_data
+
+    out = tmp_path / "steps.json"
+    _run_all(_distributed([sys.executable, os.path.abspath(__file__), f"--out={out}"]), tmp_path / "logs")
+    with open(out) as f:
+        steps = json.load(f)
+    os.chdir(ROOT)
+    loader, _, _ = build_data(_bucket_config(), tiny_config())  # this process alone: the whole batch
+    mixed = 0
+    for step in steps:
+        whole = next(loader)["input_ids"]
+        ids = np.asarray(step["input_ids"])
+        mixed += len(set(step["own_lengths"])) > 1
+        assert ids.shape == whole.shape  # the bucket one process picks for the whole batch
+        # the same examples (rows come process by process: p takes every 2nd of the batch)
+        assert sorted(map(tuple, ids.tolist())) == sorted(map(tuple, whole.tolist()))
+    loader.close()
+    assert mixed, "no step had processes picking different buckets: the case is not exercised"
+
+
+if __name__ == "__main__":  # a child of test_processes_agree_on_the_bucket_of_the_global_batch
+    from absl import app, flags
+
+    flags.DEFINE_string("out", None, "where process 0 writes the steps (JSON)")
+    flags.DEFINE_string("coordinator", None, "HOST:PORT")
+    flags.DEFINE_integer("num_processes", None, "")
+    flags.DEFINE_integer("process_id", None, "")
+
+    def _main(argv):
+        import jax
+
+        sys.path.insert(0, ROOT)
+        F = flags.FLAGS
+        jax.distributed.initialize(F.coordinator, F.num_processes, F.process_id)
+        _bucket_child(F.out)
+
+    app.run(_main)

@@ -175,6 +175,22 @@ class Loader:
     def _collate(self, slots: list) -> Batch:
         return collate(slots, self.dataset.schema, self.buckets, self.pad_side)
 
+    def pad_to(self, batch: Batch, length: int) -> Batch:
+        """`batch` with its sequences and masks padded (on `pad_side`, with the schema's pad
+        values) to `length`, as if collated at that bucket: processes of a multi-process run
+        pad to the longest bucket any of them picked, so the global batch has one shape."""
+        schema = self.dataset.schema
+        out = dict(batch)
+        for name, value in [*schema.sequences.items(), *((m, 0) for m in schema.masks)]:
+            seq = np.asarray(batch[name])
+            extra = length - seq.shape[-1]
+            if extra < 0:
+                raise ValueError(f"cannot pad {name!r} of length {seq.shape[-1]} to {length}")
+            if extra:
+                widths = [(0, 0)] * (seq.ndim - 1) + [(extra, 0) if self.pad_side == "left" else (0, extra)]
+                out[name] = np.pad(seq, widths, constant_values=value)
+        return out
+
     # -- reporting / cleanup
     @property
     def report(self):
