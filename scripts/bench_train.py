@@ -195,11 +195,13 @@ def main() -> None:
         step = ours_step_fn(mode, config, base, batch, a.lora_rank, a.lora_alpha, a.dtype, WARMUP + a.steps)
         secs, ours_loss, first = time_steps(step, a.steps)
         rows.append((f"ours-{mode}", mode, secs, flops))
+        print(f"ours-{mode}: {secs:.3f} s/step", file=sys.stderr, flush=True)  # progress of a long run
         line = f"step-0 loss {mode}: ours {ours_loss:.6f}"
         if hf is not None:
             hf, step = hf_step_fn(mode, hf, init_state, batch, a.lora_rank, a.lora_alpha, torch_device)
             secs, hf_loss, _ = time_steps(step, a.steps)
             rows.append((f"HF-{mode}", mode, secs, flops))
+            print(f"HF-{mode}: {secs:.3f} s/step", file=sys.stderr, flush=True)
             line += f", HF {hf_loss:.6f}, |diff| {abs(ours_loss - hf_loss):.2e}"
         footer.append(f"{line} (ours: compile + first step {first:.1f}s)")
 
