@@ -57,7 +57,9 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", param_init(nn.initializers.normal(self.std), self.axes),
                             (x.shape[-1], self.features), self.param_dtype)
-        x = x.astype(self.dtype)
+        # Flatten to [tokens, in]: XLA:CPU runs 2-D dots about twice as fast as 3-D ones.
+        lead = x.shape[:-1]
+        x = x.astype(self.dtype).reshape(-1, x.shape[-1])
         y = jnp.dot(x, kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", param_init(nn.initializers.zeros, (self.axes[1],)),
@@ -69,7 +71,7 @@ class Dense(nn.Module):
             if self.lora_dropout > 0 and self.has_rng("dropout"):
                 x = nn.Dropout(self.lora_dropout, deterministic=False)(x)
             y = y + jnp.dot(jnp.dot(x, a), b) * jnp.asarray(self.lora_scale, self.dtype)
-        return y
+        return y.reshape(*lead, self.features)
 
 
 def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool, dtype: Any,
