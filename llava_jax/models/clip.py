@@ -49,7 +49,7 @@ class ClipAttention(nn.Module):
         heads = cfg.num_heads
         q, k, v = (dense(d, ("embed", "heads"), name=n, **kw)(x).reshape(b, t, heads, d // heads)
                    for n in ("q_proj", "k_proj", "v_proj"))
-        out = attention(q, k, v, mask=None).reshape(b, t, d)
+        out = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=None).reshape(b, t, d)
         return dense(d, ("heads", "embed"), name="o_proj", **kw)(out)
 
 

@@ -124,28 +124,36 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+              extra_kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Softmax attention with grouped-query heads.
 
-    q: [B, T, H, D]; k, v: [B, S, K, D] with H % K == 0; mask: bool [B, T, S] or None.
-    Softmax runs in float32. Fully masked rows (left-pad queries) get a finite large
-    negative logit everywhere, so they stay finite instead of turning into NaN.
+    q: [B, T, H, D]; k, v: [B, K, S, D] (heads before positions: a decode step then reads
+    the cache without transposing it) with H % K == 0; mask: bool [B, T, S] or None.
+    `extra_kv` ([B, K, T, D] each) are T more keys/values every query sees (the current
+    decode token), so a step never has to copy the cache to insert them first.
+    Softmax runs in float32; fully masked rows (left-pad queries) stay finite.
     """
     b, t, h, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / np.sqrt(d)
+    logits = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32) / np.sqrt(d)
     if mask is not None:
-        big_neg = jnp.finfo(jnp.float32).min
-        logits = jnp.where(mask[:, None, None, :, :], logits, big_neg)
+        logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    if extra_kv is not None:
+        extra = jnp.einsum("btkgd,bksd->bkgts", q, extra_kv[0]).astype(jnp.float32) / np.sqrt(d)
+        logits = jnp.concatenate([logits, extra], axis=-1)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    s = k.shape[2]
+    out = jnp.einsum("bkgts,bksd->btkgd", probs[..., :s], v)
+    if extra_kv is not None:
+        out = out + jnp.einsum("bkgts,bksd->btkgd", probs[..., s:], extra_kv[1])
     return out.reshape(b, t, h, d)
 
 
 def scan_layers(layer_cls: type[nn.Module], num_layers: int, remat_policy: str,
-                num_broadcast: int) -> type[nn.Module]:
-    """Wraps a layer (signature `(carry, *broadcast_args) -> (carry, out)`) in remat + nn.scan.
+                num_broadcast: int, num_scanned: int = 0) -> type[nn.Module]:
+    """Wraps a layer `(carry, *broadcast_args, *per_layer_args) -> (carry, out)` in remat + nn.scan.
 
     Params get a leading `layers` axis, so compile time does not grow with depth.
     """
@@ -157,7 +165,7 @@ def scan_layers(layer_cls: type[nn.Module], num_layers: int, remat_policy: str,
         layer_cls,
         variable_axes={"params": 0, "lora": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast,) * num_broadcast,
+        in_axes=(nn.broadcast,) * num_broadcast + (0,) * num_scanned,
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )

@@ -93,12 +93,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype: Any = jnp.bfloat16) -> dict:
-    """An empty KV cache {k, v}: [layers, batch, length, kv_heads, head_dim]."""
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    """An empty KV cache {k, v}: [layers, batch, kv_heads, length, head_dim]."""
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", None)  # logical names of a cache array
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_length", None)  # logical names of a cache array
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -123,10 +123,10 @@ class LlamaAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array,
-                 cache: dict | None = None, layer: jax.Array | None = None,
-                 cache_index: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
-        """With `cache` ({k, v}: [L, B, S, K, D] for all layers), this call's keys/values go to
-        slots cache_index.. of `layer` and queries attend over all S slots (`mask` [B, T, S])."""
+                 cache: dict | None = None, cache_index: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+        """With this layer's `cache` ({k, v}: [B, S, K, D]), queries attend over all S slots
+        (`mask` [B, T, S]) with this call's keys/values placed at slots cache_index..; the new
+        keys/values are returned for the caller to write into the cache once for all layers."""
         cfg = self.config
         kw = dense_kwargs(cfg)
         b, t, _ = x.shape
@@ -135,18 +135,24 @@ class LlamaAttention(nn.Module):
         k = dense(cfg.num_kv_heads * hd, ("embed", "kv_heads"), name="k_proj", **kw)(x)
         v = dense(cfg.num_kv_heads * hd, ("embed", "kv_heads"), name="v_proj", **kw)(x)
         q = apply_rope(q.reshape(b, t, cfg.num_heads, hd), cos, sin)
-        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, hd), cos, sin)
-        v = v.reshape(b, t, cfg.num_kv_heads, hd)
+        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, hd), cos, sin).transpose(0, 2, 1, 3)  # [B, K, T, D]
+        v = v.reshape(b, t, cfg.num_kv_heads, hd).transpose(0, 2, 1, 3)
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
-        if cache is not None:
-            # Update only the new slots of this layer in place; the whole cache is loop-carried.
-            start = (layer, 0, cache_index, 0, 0)
-            cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype)[None], start)
-                     for name, new in (("k", k), ("v", v))}
-            k, v = (jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False).astype(q.dtype)
-                    for name in ("k", "v"))
-        out = attention(q, k, v, mask).reshape(b, t, cfg.num_heads * hd)
-        return dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out), cache
+        new_rows = None
+        if cache is None:
+            out = attention(q, k, v, mask)
+        else:
+            new_rows = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
+            if t == 1:  # decode: read the cache as it is; the new token joins as extra_kv
+                unwritten = jnp.arange(cache["k"].shape[2])[None, None, :] >= cache_index
+                out = attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), mask & ~unwritten,
+                                extra_kv=(k, v))
+            else:  # prefill: write the prompt's keys/values first (once per generation)
+                k, v = (jax.lax.dynamic_update_slice(cache[n], new_rows[n], (0, 0, cache_index, 0)).astype(q.dtype)
+                        for n in ("k", "v"))
+                out = attention(q, k, v, mask)
+        out = out.reshape(b, t, cfg.num_heads * hd)
+        return dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out), new_rows
 
 
 class LlamaMLP(nn.Module):
@@ -166,15 +172,16 @@ class LlamaLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, carry, mask, cos, sin, cache_index):
-        x, cache, layer = carry  # cache: None, or the KV cache of every layer (see LlamaAttention)
+    def __call__(self, x, mask, cos, sin, cache_index, layer_cache):
+        # layer_cache: None, or this layer's slice of the KV cache (scanned over layers). Only
+        # the new rows leave the scan: carrying the whole cache through it would copy it per layer.
         cfg = self.config
         norm = dict(eps=cfg.rms_norm_eps, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype))
-        h, cache = LlamaAttention(cfg, name="attn")(RMSNorm(name="input_norm", **norm)(x), mask, cos, sin,
-                                                    cache, layer, cache_index)
+        h, new_rows = LlamaAttention(cfg, name="attn")(RMSNorm(name="input_norm", **norm)(x), mask, cos, sin,
+                                                       layer_cache, cache_index)
         x = x + h
         x = x + LlamaMLP(cfg, name="mlp")(RMSNorm(name="post_attn_norm", **norm)(x))
-        return (nn.with_logical_constraint(x, ("batch", "length", "act_embed")), cache, layer + 1), None
+        return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), new_rows
 
 
 class Llama(nn.Module):
@@ -188,7 +195,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
             embedding_init=param_init(nn.initializers.normal(0.02), ("vocab", "embed")))
-        self.layers = scan_layers(LlamaLayer, cfg.num_layers, cfg.remat_policy, num_broadcast=4)(cfg)
+        self.layers = scan_layers(LlamaLayer, cfg.num_layers, cfg.remat_policy, num_broadcast=4, num_scanned=1)(cfg)
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", **dense_kwargs(cfg))
@@ -220,8 +227,13 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(self.config, positions, as_dtype(self.config.dtype))
         x = nn.with_logical_constraint(inputs_embeds.astype(as_dtype(self.config.dtype)),
                                        ("batch", "length", "act_embed"))
-        (x, cache, _), _ = self.layers((x, cache, jnp.int32(0)), mask, cos, sin, jnp.asarray(cache_index, jnp.int32))
-        return self.norm(x) if cache is None else (self.norm(x), cache)
+        index = jnp.asarray(cache_index, jnp.int32)
+        x, new_rows = self.layers(x, mask, cos, sin, index, cache)
+        if cache is None:
+            return self.norm(x)
+        cache = {name: jax.lax.dynamic_update_slice(cache[name], new_rows[name], (0, 0, 0, index, 0))
+                 for name in ("k", "v")}
+        return self.norm(x), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.config.tie_word_embeddings:
