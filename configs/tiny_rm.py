@@ -22,7 +22,7 @@ def get_config():
     c.data.image_folder = "data/toy/images"
     c.data.captions = "data/toy/captions.json"
     c.data.tokenizer = "data/toy/tokenizer"
-    c.data.max_length = 384
+    c.data.max_length = 448  # the rating prompt with five captions takes ~410 tokens
     c.data.eval_size = 16
     c.rm.eval_every = 10
     c.checkpoint.every = 20

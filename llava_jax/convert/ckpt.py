@@ -48,7 +48,7 @@ def _numpy_to_jax_in_place(tree: dict) -> None:
 def _save_tree(directory: str, tree: Any) -> None:
     # Bounded concurrency: orbax otherwise stages a copy of every array at once.
     handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB)
-    ocp.Checkpointer(handler).save(directory, args=ocp.args.PyTreeSave(tree))
+    ocp.Checkpointer(handler).save(os.path.abspath(directory), args=ocp.args.PyTreeSave(tree))
 
 
 def _restore_tree(directory: str, expected: Any, what: str, dtype: Any = None, shardings: Any = None) -> Any:
