@@ -69,9 +69,8 @@ def split_trainable(cfg: Any, config: Any, base: dict, start_adapter: lora_lib.A
                     rng: jax.Array) -> tuple[ModelSpec, dict, dict]:
     """(spec, trainable params (float32), frozen base) for config.train.trainable."""
     mode = cfg.train.trainable
-    parts = {"projector": ["projector"], "projector+llm": ["projector", "llm"]}.get(mode, [])
-    if mode == "lora+projector":
-        parts = ["projector"]
+    parts = {"projector": ["projector"], "projector+llm": ["projector", "llm"], "lora": [],
+             "lora+projector": ["projector"]}[mode]
     train_base, frozen = trainable.split_base(base, parts)
     params: dict = {}
     if train_base:
@@ -313,12 +312,8 @@ def export_result(cfg: Any, spec: ModelSpec, state: TrainState, frozen: dict) ->
     trained base parts folded in; for LoRA stages `workdir/adapter`, laid out as
     CKPT/adapters/NAME (with the reward head for the RM): copy it into the base checkpoint's
     adapters/ to use it. Single-process runs only for now."""
-    import dataclasses
-    import json
-    import shutil
-
     from llava_jax.convert import save_checkpoint
-    from llava_jax.convert.ckpt import ADAPTER_FORMAT, _save_tree
+    from llava_jax.convert.ckpt import write_adapter_dir
 
     if jax.process_count() > 1:
         print("export of the trained model is single-process only; use the last checkpoint in workdir/checkpoints")
@@ -334,13 +329,7 @@ def export_result(cfg: Any, spec: ModelSpec, state: TrainState, frozen: dict) ->
     if "base" in params:
         print("note: the projector trained by a lora+projector run stays in workdir/checkpoints")
     path = os.path.join(cfg.workdir, "adapter")
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path)
     kind = "reward" if cfg.stage == "rm" else None
-    with open(os.path.join(path, "adapter.json"), "w") as f:
-        json.dump({"format": ADAPTER_FORMAT, "lora": dataclasses.asdict(spec.lora), "head": kind,
-                   "trained_by": cfg.stage}, f, indent=2)
-    _save_tree(os.path.join(path, "lora"), params["adapter"])
-    if kind:
-        _save_tree(os.path.join(path, "head"), params["head"])
+    write_adapter_dir(path, lora_lib.Adapter(params["adapter"], spec.lora), params.get("head") if kind else None, kind,
+                      overwrite=True, extra={"trained_by": cfg.stage})
     return path

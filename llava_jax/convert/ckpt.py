@@ -131,23 +131,30 @@ def adapter_names(path: str) -> list[str]:
     return sorted(d for d in os.listdir(root) if ".partial-" not in d) if os.path.isdir(root) else []
 
 
-def save_adapter(path: str, name: str, adapter: Adapter, head: dict | None = None, head_kind: str | None = None,
-                 *, overwrite: bool = False, extra: dict[str, Any] | None = None) -> None:
-    """Adds adapter NAME (+ optional reward/value head) to checkpoint `path`, atomically."""
-    try:
-        check_adapter(abstract_params(load_config(path)), adapter, name)
-    except ValueError as e:
-        raise ConversionError(str(e)) from None
+def write_adapter_dir(directory: str, adapter: Adapter, head: dict | None = None, head_kind: str | None = None,
+                      *, overwrite: bool = False, extra: dict[str, Any] | None = None) -> None:
+    """One adapter directory (`adapter.json`, orbax `lora/`, optional `head/`), atomically:
+    the layout of CKPT/adapters/NAME and of a LoRA training run's `workdir/adapter`."""
     if (head is None) != (head_kind is None):
-        raise ConversionError(f"adapter {name}: a head needs its kind (reward or value) and vice versa")
-    os.makedirs(os.path.join(path, "adapters"), exist_ok=True)
-    with atomic_output_dir(os.path.join(os.path.abspath(path), "adapters", name), overwrite=overwrite) as tmp:
+        raise ConversionError(f"{directory}: a head needs its kind (reward or value) and vice versa")
+    with atomic_output_dir(os.path.abspath(directory), overwrite=overwrite) as tmp:
         meta = {"format": ADAPTER_FORMAT, "lora": dataclasses.asdict(adapter.config), "head": head_kind}
         with open(os.path.join(tmp, "adapter.json"), "w") as f:
             json.dump({**meta, **(extra or {})}, f, indent=2)
         _save_tree(os.path.join(tmp, "lora"), adapter.params)
         if head is not None:
             _save_tree(os.path.join(tmp, "head"), head)
+
+
+def save_adapter(path: str, name: str, adapter: Adapter, head: dict | None = None, head_kind: str | None = None,
+                 *, overwrite: bool = False, extra: dict[str, Any] | None = None) -> None:
+    """Adds adapter NAME (+ optional reward/value head) to checkpoint `path`, checked against its base."""
+    try:
+        check_adapter(abstract_params(load_config(path)), adapter, name)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    os.makedirs(os.path.join(path, "adapters"), exist_ok=True)
+    write_adapter_dir(os.path.join(path, "adapters", name), adapter, head, head_kind, overwrite=overwrite, extra=extra)
 
 
 def load_adapter(path: str, name: str, dtype: Any = None) -> tuple[Adapter, dict | None, str | None]:
