@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llava_jax.models.llava import Llava, LlavaConfig
+from llava_jax.trainable import flat_leaves
 
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROJECTOR_TARGETS = ("linear_1", "linear_2")
@@ -135,7 +136,7 @@ def merge(base: dict, adapter: Adapter) -> dict:
 def check_adapter(base: dict, adapter: Adapter, name: str = "adapter") -> None:
     """Rank, targets and shapes of `adapter` against `base`; one clear error per mismatch."""
     expected = {path for path in target_paths(base, adapter.config)}
-    found = {tuple(p[:-1]) for p in _leaf_paths(adapter.params)}
+    found = {tuple(p.split("/")[:-1]) for p in flat_leaves(adapter.params)}
     for path in sorted(found - expected):
         raise ValueError(f"{name}: adapts {'/'.join(path)}, which its config does not target or the base lacks")
     for path in sorted(expected - found):
@@ -148,10 +149,6 @@ def check_adapter(base: dict, adapter: Adapter, name: str = "adapter") -> None:
             if tuple(layer[key].shape) != shape:
                 raise ValueError(f"{name}: {'/'.join(path)}/{key} has shape {tuple(layer[key].shape)}, "
                                  f"expected {shape} (rank {adapter.config.rank} over the base layer)")
-
-
-def _leaf_paths(tree: dict) -> list[tuple[str, ...]]:
-    return [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def adapter_bytes(adapter: Adapter) -> int:

@@ -54,7 +54,12 @@ def cast_tree(tree: Any, dtype: Any) -> Any:
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def flat_leaves(tree: Any) -> dict[str, Any]:
+    """'a/b/c' path -> leaf (for checks, logs, tests and error messages)."""
+    return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def leaf_paths(tree: Any) -> list[str]:
-    """'a/b/c' path of every leaf (for logs, tests and error messages)."""
-    return ["/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    """'a/b/c' path of every leaf."""
+    return list(flat_leaves(tree))

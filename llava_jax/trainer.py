@@ -206,7 +206,7 @@ def total_steps(cfg: Any, loader: Any) -> int:
     return max(1, int(math.ceil(cfg.train.num_epochs * loader.steps_per_epoch())))
 
 
-def make_step(cfg: Any, spec: ModelSpec, optimizer: Any, schedule: Any, state_sh: Any, frozen_sh: Any, mesh: Any):
+def make_step(cfg: Any, spec: ModelSpec, optimizer: Any, schedule: Any, state_sh: Any, frozen_sh: Any):
     """The stage's step, jitted with explicit in/out shardings; the state is donated."""
     from llava_jax.rm import rm_step
     from llava_jax.sft import sft_step
@@ -218,7 +218,7 @@ def make_step(cfg: Any, spec: ModelSpec, optimizer: Any, schedule: Any, state_sh
     return jax.jit(fn, in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
 
 
-def evaluate(cfg: Any, spec: ModelSpec, state: TrainState, frozen: dict, loader: Any, mesh: Any, eval_fn: Any) -> dict:
+def evaluate(state: TrainState, frozen: dict, loader: Any, mesh: Any, eval_fn: Any) -> dict:
     """Pair-weighted held-out metrics of the reward model over one pass of `loader`."""
     sums: dict[str, float] = {}
     count = 0.0
@@ -265,7 +265,7 @@ def run(cfg: Any) -> dict:
     llm_params = sum(x.size for x in jax.tree_util.tree_leaves(base["llm"]))
     peak = cfg.log.peak_tflops * 1e12 or peak_flops(jax.devices()[0].device_kind)
     del params, base
-    step_fn = make_step(cfg, spec, optimizer, schedule, state_sh, frozen_sh, mesh)
+    step_fn = make_step(cfg, spec, optimizer, schedule, state_sh, frozen_sh)
     eval_fn = jax.jit(functools.partial(rm_eval, spec, centering=cfg.rm.centering)) if cfg.stage == "rm" else None
 
     writer = MetricsWriter(cfg.workdir, process_index=jax.process_index(), tensorboard=cfg.log.tensorboard,
@@ -287,7 +287,7 @@ def run(cfg: Any) -> dict:
                                                 batch["input_ids"].shape[-1], lora=spec.lora is not None)
                 metrics["mfu"] = mfu(flops, seconds, peak, jax.device_count())
             if eval_fn is not None and eval_loader is not None and (step % cfg.rm.eval_every == 0 or step == steps):
-                metrics.update(evaluate(cfg, spec, state, frozen, eval_loader, mesh, eval_fn))
+                metrics.update(evaluate(state, frozen, eval_loader, mesh, eval_fn))
             if step % cfg.log.every == 0 or step == steps:
                 writer.write(step, metrics)
             bar.update(step, loss=metrics["loss"], tokens_per_second=metrics["tokens_per_s"])

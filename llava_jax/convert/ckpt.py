@@ -20,15 +20,11 @@ from llava_jax.convert.hf_files import ConversionError, atomic_output_dir
 from llava_jax.heads import init_head
 from llava_jax.lora import Adapter, LoraConfig, check_adapter, init_adapter
 from llava_jax.models.llava import LlavaConfig, init_params
+from llava_jax.trainable import flat_leaves
 
 FORMAT = "llava_jax.model/1"
 ADAPTER_FORMAT = "llava_jax.adapter/1"
 SAVE_CONCURRENT_GB = 1
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _numpy_to_jax_in_place(tree: dict) -> None:
@@ -60,7 +56,7 @@ def _restore_tree(directory: str, expected: Any, what: str, dtype: Any = None, s
     metadata = checkpointer.metadata(directory).item_metadata
     if metadata is None:
         raise ConversionError(f"{directory} is not a complete orbax checkpoint")
-    stored, want = _flat(metadata.tree), _flat(expected)
+    stored, want = flat_leaves(metadata.tree), flat_leaves(expected)
     problems = [f"missing key {k}" for k in sorted(set(want) - set(stored))]
     problems += [f"unexpected key {k}" for k in sorted(set(stored) - set(want))]
     problems += [f"shape mismatch for {k}: config expects {want[k].shape}, checkpoint has {tuple(stored[k].shape)}"
