@@ -10,6 +10,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0  # model init, data order, dropout
     c.workdir = "runs/default"  # checkpoints/, metrics.jsonl and tb/ go here
     c.resume = True  # continue from the latest checkpoint in workdir
+    c.requires = ""  # comma-separated config files run first when their workdir has no exported result
 
     c.model = ml_collections.ConfigDict()
     c.model.init = "tiny"  # "tiny" (random tiny LLaVA) or a converted checkpoint directory
@@ -57,6 +58,40 @@ def base_config() -> ml_collections.ConfigDict:
     c.rm.with_facts = True  # captions inside the "accurate" criterion (Fact-RLHF)
     c.rm.prompt_file = ""  # reward prompt wording ("" = llava_jax/prompts/fact_rlhf_reward.txt)
     c.rm.eval_every = 50  # steps between held-out evaluations
+
+    c.ppo = ml_collections.ConfigDict()
+    c.ppo.policy_adapter = ""  # policy-init adapter dir (a LoRA SFT run's workdir/adapter); "" = fresh LoRA = base
+    c.ppo.reward_base = ""  # checkpoint dir of the reward/value base ("" = model.init, one shared base)
+    c.ppo.reward_adapter = ""  # the RM run's adapter dir (LoRA + reward head); value starts from it
+    c.ppo.rollout_batch = 512  # prompts sampled per PPO step (global)
+    c.ppo.step_batch = 256  # rollouts per optimiser step (global)
+    c.ppo.grad_accum = 1  # micro-batches per optimiser step
+    c.ppo.ppo_epochs = 2  # passes over each rollout batch
+    c.ppo.max_query_tokens = 128  # longer prompts are dropped (image counted as one token)
+    c.ppo.response_len = 896  # max new tokens
+    c.ppo.temperature = 1.0
+    c.ppo.top_p = 1.0
+    c.ppo.top_k = 0
+    c.ppo.cache_dtype = "bfloat16"  # KV cache of the rollout sampler
+    c.ppo.with_facts = True  # captions inside the reward prompt (Fact-RLHF)
+    c.ppo.rm_weight = 1.0  # multiplier of the reward model's score (0: symbolic rewards only)
+    c.ppo.correct_bonus = 2.0  # x correctness (multiple choice 1/0, yes/no-"No" +-0.5)
+    c.ppo.length_bonus = -10.0  # x response length / response_len x item length_bonus
+    c.ppo.no_stop_penalty = -8.0  # added when the response did not end with EOS
+    c.ppo.kl_estimator = "k1"  # k1 (clamped at 0, as the original) | k1_unclamped | k3
+    c.ppo.kl_coef = 0.1  # initial (or fixed) KL coefficient
+    c.ppo.adaptive_kl = False  # proportional controller towards target_kl (Ziegler et al.)
+    c.ppo.target_kl = 6.0  # per-sequence KL the adaptive controller aims at
+    c.ppo.kl_horizon = 10000  # adaptive controller horizon (rollouts)
+    c.ppo.reward_scale = 10.0  # shaped rewards x this (when not whitened)
+    c.ppo.whiten_rewards = False  # whiten shaped rewards (no mean shift) instead of scaling
+    c.ppo.gamma = 1.0
+    c.ppo.lam = 1.0  # GAE lambda
+    c.ppo.clip = 0.2  # policy ratio clip
+    c.ppo.value_clip = 0.2
+    c.ppo.vf_coef = 0.1
+    c.ppo.reward_pad_multiple = 64  # reward-model inputs padded to a multiple of this (few compiles)
+    c.ppo.export_merged = False  # also write the policy merged into the base as an HF model (workdir/hf_merged)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1

@@ -1,6 +1,7 @@
 """The training driver behind `scripts/train.py`: config checks, model and data set-up,
-sharded jitted steps, the Python loop, checkpoints and metrics. Every stage (sft, rm)
-runs through `run(config)`; the step functions themselves live in sft.py / rm.py.
+sharded jitted steps, the Python loop, checkpoints and metrics. `run_stage(config)`
+runs any stage after the configs it `requires`; SFT and RM train in `run` here (their
+step functions live in sft.py / rm.py), PPO in ppo_trainer.py.
 """
 from __future__ import annotations
 
@@ -20,14 +21,62 @@ from llava_jax.checkpoint import Checkpointer, gather_loader_states
 from llava_jax.optim import OptimConfig, make_optimizer
 from llava_jax.train_state import ModelSpec, TrainState, create_state
 
-STAGES = ("sft", "rm")
+STAGES = ("sft", "rm", "ppo")
 TRAINABLE = ("projector", "projector+llm", "lora", "lora+projector")
+
+
+def load_config_file(path: str) -> Any:
+    """`get_config()` of a config file (as `--config FILE` does, without overrides)."""
+    import importlib.util
+
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"_llava_jax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def exported_result(cfg: Any) -> str | None:
+    """The model or adapter a finished run of `cfg` left in its workdir, if any."""
+    for name in ("model", "adapter"):
+        path = os.path.join(cfg.workdir, name)
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def run_requirements(cfg: Any, _seen: tuple[str, ...] = ()) -> None:
+    """Runs each config in `cfg.requires` (and its own requirements first) whose workdir has
+    no exported result yet: `tiny_ppo` needs a tiny SFT model and a tiny reward model."""
+    for path in (p.strip() for p in cfg.get("requires", "").split(",") if p.strip()):
+        if path in _seen:
+            raise ValueError(f"config.requires: cycle through {path}")
+        required = load_config_file(path)
+        if exported_result(required) is not None:
+            continue
+        run_requirements(required, (*_seen, path))
+        if jax.process_index() == 0:
+            print(f"requirement {path}: no result in {required.workdir} yet, running it first")
+        run_stage(required)
+        if exported_result(required) is None:
+            raise ValueError(f"requirement {path} finished without writing {required.workdir}/model or /adapter")
+
+
+def run_stage(cfg: Any) -> dict:
+    """Trains the stage `cfg.stage` names (after its requirements)."""
+    run_requirements(cfg)
+    if cfg.stage == "ppo":
+        from llava_jax.ppo_trainer import run_ppo
+
+        return run_ppo(cfg)
+    return run(cfg)
 
 
 def validate(cfg: Any) -> None:
     """Everything that can be checked before touching a device, with one clear error each."""
     if cfg.stage not in STAGES:
-        raise ValueError(f"config.stage={cfg.stage!r}: expected one of {STAGES} (ppo: see configs/ppo_*.py)")
+        raise ValueError(f"config.stage={cfg.stage!r}: expected one of {STAGES}")
     if cfg.train.trainable not in TRAINABLE:
         raise ValueError(f"config.train.trainable={cfg.train.trainable!r}: expected one of {TRAINABLE}")
     if cfg.stage == "rm" and not cfg.train.trainable.startswith("lora"):

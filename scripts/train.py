@@ -3,7 +3,8 @@
 
   python scripts/train.py --config configs/tiny_sft.py [--config.train.batch_size=32 ...]
 
-The stage (sft, rm) is a config field. Multi-host: TPU pod slices are detected by
+The stage (sft, rm, ppo) is a config field; configs named in `requires` run first when
+their results are missing. Multi-host: TPU pod slices are detected by
 `jax.distributed.initialize()` (set LLAVA_JAX_DISTRIBUTED=1 or pass --coordinator); GPU
 clusters pass --coordinator HOST:PORT --num_processes N --process_id I.
 """
@@ -31,13 +32,13 @@ def main(argv):
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     elif os.environ.get("LLAVA_JAX_DISTRIBUTED"):
         jax.distributed.initialize()
-    from llava_jax.trainer import run
+    from llava_jax.trainer import run_stage
 
     cfg = FLAGS.config
     if cfg is None:
         sys.exit("--config is required, e.g. --config configs/tiny_sft.py")
     try:
-        run(cfg)
+        run_stage(cfg)
     except ValueError as e:
         sys.exit(f"error: {e}")
 
