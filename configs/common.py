@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.ppo.reward_base = ""  # checkpoint dir of the reward/value base ("" = model.init, one shared base)
     c.ppo.reward_adapter = ""  # the RM run's adapter dir (LoRA + reward head); value starts from it
     c.ppo.rollout_batch = 512  # prompts sampled per PPO step (global)
+    c.ppo.rollout_chunk = 0  # prompts sampled and scored per jitted pass (0 = the whole rollout batch)
     c.ppo.step_batch = 256  # rollouts per optimiser step (global)
     c.ppo.grad_accum = 1  # micro-batches per optimiser step
     c.ppo.ppo_epochs = 2  # passes over each rollout batch

@@ -258,3 +258,54 @@ class ProgressBar:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def numeric_keys(records: list[dict]) -> list[str]:
+    """Keys (other than step) holding a number in at least one record, first-seen order."""
+    keys: dict[str, None] = {}
+    for record in records:
+        for key, value in record.items():
+            if key != "step" and _is_number(value):
+                keys.setdefault(key, None)
+    return list(keys)
+
+
+def plot(records: list[dict], keys: list[str], out: str, title: str = "") -> None:
+    """One subplot per key against step, saved as a PNG (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # training hosts have no display
+    import matplotlib.pyplot as plt
+
+    ncols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        rows = sorted((r["step"], r[key]) for r in records if key in r)
+        steps = [s for s, _ in rows]
+        values = [v if _is_number(v) else math.nan for _, v in rows]  # nan -> gap in the line
+        ax.plot(steps, values, marker="." if len(steps) < 50 else None, linewidth=1)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_run(run_dir: str, keys: list[str] | None = None, out: str | None = None) -> str:
+    """run_dir/metrics.jsonl -> run_dir/metrics.png (the given keys that were logged, or all)."""
+    records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    available = numeric_keys(records)
+    keys = [k for k in keys if k in available] if keys else available
+    out = out or os.path.join(run_dir, "metrics.png")
+    plot(records, keys, out, title=os.path.basename(os.path.normpath(run_dir)))
+    return out

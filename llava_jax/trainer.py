@@ -156,9 +156,11 @@ def params_logical(config: Any, params: dict) -> dict:
     return out
 
 
-def state_shardings(config: Any, state_shape: TrainState, mesh: Any) -> TrainState:
-    """Params by their logical axes; optimiser moments like the params they follow."""
-    param_sh = sharding.shardings_for(state_shape.params, params_logical(config, state_shape.params), mesh)
+def state_shardings(config: Any, state_shape: TrainState, mesh: Any, logical: Any = None) -> TrainState:
+    """Params by their logical axes (default: those of an SFT/RM trainable tree);
+    optimiser moments like the params they follow."""
+    logical = params_logical(config, state_shape.params) if logical is None else logical
+    param_sh = sharding.shardings_for(state_shape.params, logical, mesh)
     by_path = {tuple(str(k) for k in p): s for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
 
     def opt_sharding(path, leaf):

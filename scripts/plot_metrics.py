@@ -11,53 +11,12 @@ values leave gaps rather than being drawn as zero.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")  # headless: training hosts have no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from llava_jax.metrics import read_metrics  # noqa: E402
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def numeric_keys(records: list[dict]) -> list[str]:
-    """Keys (other than step) holding a number in at least one record, first-seen order."""
-    keys: dict[str, None] = {}
-    for record in records:
-        for key, value in record.items():
-            if key != "step" and _is_number(value):
-                keys.setdefault(key, None)
-    return list(keys)
-
-
-def plot(records: list[dict], keys: list[str], out: str, title: str = "") -> None:
-    ncols = min(3, len(keys))
-    nrows = math.ceil(len(keys) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        rows = sorted((r["step"], r[key]) for r in records if key in r)
-        steps = [s for s, _ in rows]
-        values = [v if _is_number(v) else math.nan for _, v in rows]  # nan -> gap in the line
-        ax.plot(steps, values, marker="." if len(steps) < 50 else None, linewidth=1)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.set_visible(False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+from llava_jax.metrics import numeric_keys, plot, read_metrics  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> str:

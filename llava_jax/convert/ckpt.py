@@ -158,15 +158,26 @@ def load_adapter(path: str, name: str, dtype: Any = None) -> tuple[Adapter, dict
     directory = os.path.join(path, "adapters", name)
     if not os.path.isdir(directory):
         raise ConversionError(f"checkpoint {path} has no adapter {name!r} (has: {adapter_names(path) or 'none'})")
+    return load_adapter_dir(directory, abstract_params(load_config(path)), dtype)
+
+
+def load_adapter_dir(directory: str, base: Any, dtype: Any = None) -> tuple[Adapter, dict | None, str | None]:
+    """An adapter directory (CKPT/adapters/NAME or a LoRA run's workdir/adapter), checked
+    against the base it will run over (`base`: params or their abstract shapes)."""
+    if not os.path.isdir(directory):
+        raise ConversionError(f"adapter directory {directory} does not exist")
     meta = _read_json(os.path.join(directory, "adapter.json"), ADAPTER_FORMAT, "adapter")
     lora = LoraConfig(**{**meta["lora"], "targets": tuple(meta["lora"]["targets"]),
                          "projector": tuple(meta["lora"]["projector"])})
-    base = abstract_params(load_config(path))
-    expected = jax.eval_shape(lambda: init_adapter(base, lora, jax.random.PRNGKey(0)).params)
-    params = _restore_tree(os.path.join(directory, "lora"), expected, f"adapter {name}", dtype)
+    what = f"adapter {directory}"
+    try:
+        expected = jax.eval_shape(lambda: init_adapter(base, lora, jax.random.PRNGKey(0)).params)
+    except ValueError as e:
+        raise ConversionError(f"{what} does not fit its base: {e}") from None
+    params = _restore_tree(os.path.join(directory, "lora"), expected, what, dtype)
     head = None
     if meta.get("head"):
         hidden = base["llm"]["norm"]["scale"].shape[0]
         head = _restore_tree(os.path.join(directory, "head"), jax.eval_shape(
-            lambda: init_head("value", hidden)), f"adapter {name} head", dtype)
+            lambda: init_head("value", hidden)), f"{what} head", dtype)
     return Adapter(params, lora), head, meta.get("head")

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 
 TOY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data", "toy")
 IMAGE_SIZE, NUM_IMAGES, NUM_EVAL = 56, 96, 16
+NUM_PAIR_IMAGES = 320  # extra images ("pair_XXX.png") that only preference pairs use
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 119, 180), "yellow": (230, 200, 30)}
 PLACES = ("top left", "top right", "bottom left", "bottom right")
@@ -112,6 +113,37 @@ def _hallucinate(scene, rng: random.Random) -> str:
     return _describe(scene)
 
 
+def _contradict(scene, rng: random.Random) -> str:
+    """A description that names a colour or a shape found nowhere in the image (so nowhere in
+    its captions): a wrong colour, a wrong shape, or an extra object in an empty quadrant."""
+    scene = list(scene)
+    colors = [c for c in COLORS if c not in {o[1] for o in scene}]
+    shapes = [s for s in SHAPES if s not in {o[0] for o in scene}]
+    free = [p for p in PLACES if p not in {o[2] for o in scene}]
+    kind = rng.choice(("color", "shape", "extra") if free else ("color", "shape"))
+    if kind == "extra":
+        if rng.random() < 0.5:
+            obj = (rng.choice(shapes), rng.choice(list(COLORS)))
+        else:
+            obj = (rng.choice(SHAPES), rng.choice(colors))
+        scene.append((*obj, rng.choice(free)))
+        scene.sort(key=lambda o: PLACES.index(o[2]))
+    else:
+        k = rng.randrange(len(scene))
+        shape, color, place = scene[k]
+        scene[k] = (shape, rng.choice(colors), place) if kind == "color" else (rng.choice(shapes), color, place)
+    return _describe(scene)
+
+
+def _preference(pid: str, name: str, scene, rng: random.Random, bad: str) -> dict:
+    good = _describe(scene)
+    preference = rng.choice((1, 2))
+    outputs = (good, bad) if preference == 1 else (bad, good)
+    return {"id": pid, "image": name, "conversations": _conv(f"<image>\n{rng.choice(DESCRIBE)}", ""),
+            "output_1": {"from": "gpt", "value": outputs[0]}, "output_2": {"from": "gpt", "value": outputs[1]},
+            "preference": preference, "hallucination": True}
+
+
 def _conv(*pairs: str) -> list[dict]:
     return [{"from": ("human", "gpt")[k % 2], "value": v} for k, v in enumerate(pairs)]
 
@@ -147,13 +179,7 @@ def build_world(seed: int = 0) -> dict:
             f"What color is the {shape}?\n<image>", f"The {shape} is {color}.",
             f"Where is the {shape}?", f"It is in the {place} of the image.",
             "How many shapes are there?", f"There {'is' if len(scene) == 1 else 'are'} {NUMBERS[len(scene)]}.")})
-        good, bad = _describe(scene), _hallucinate(scene, rng)
-        preference = rng.choice((1, 2))
-        outputs = (good, bad) if preference == 1 else (bad, good)
-        pref.append({"id": f"pref_{i}", "image": name,
-                     "conversations": _conv(f"<image>\n{rng.choice(DESCRIBE)}", ""),
-                     "output_1": {"from": "gpt", "value": outputs[0]}, "output_2": {"from": "gpt", "value": outputs[1]},
-                     "preference": preference, "hallucination": True})
+        pref.append(_preference(f"pref_{i}", name, scene, rng, _hallucinate(scene, rng)))
         kind = i % 3
         if kind == 0:
             rl.append({"id": f"rl_{i}", "image": name, "caption_type": 1, "length_bonus": 1.0,
@@ -192,6 +218,15 @@ def build_world(seed: int = 0) -> dict:
                       "image_path": name, "image_content": [o[0] for o in scene],
                       "question": f"What color is the {shape} in the {place}?",
                       "gt_answer": f"The {shape} in the {place} is {color}."})
+    # More pairs, on images of their own (a separate stream: the records above stay as they were).
+    pair_rng = random.Random(f"pairs-{seed}")
+    make_bad = _contradict if os.environ.get("TOY_BAD", "contradict") == "contradict" else _hallucinate
+    for k in range(NUM_PAIR_IMAGES):
+        name, scene = f"pair_{k:03d}.png", _scene(pair_rng)
+        names.append(name)
+        scenes.append(scene)
+        captions[name] = _captions(scene)
+        pref.append(_preference(f"pair_{k}", name, scene, pair_rng, make_bad(scene, pair_rng)))
     return {"scenes": dict(zip(names, scenes)), "captions": captions, "pretrain": pretrain, "sft": sft,
             "preference": pref, "rl_prompts": rl, "questions": questions, "pope": pope, "mmhal": mmhal}
 

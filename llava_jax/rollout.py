@@ -1,0 +1,201 @@
+"""PPO rollouts: sample responses to a batch of prompts, score them with every role, and
+turn the scores into advantages.
+
+Per chunk of prompts (a loader batch; `ppo.rollout_batch` is several chunks when memory
+asks for it): one jitted pass runs the policy tower once and samples with the KV-cache
+sampler (log-probs kept); the host decodes the responses, checks correctness and builds
+the reward model's rating prompts (captions shuffled with a seed fixed by step, chunk and
+process, so a resumed run rebuilds the same inputs); a second jitted pass computes the
+reference log-probs, the values and the RM score (the reward tower, when it is another
+one, runs once there). Then the whole rollout batch gets its rewards, GAE advantages and
+returns in one jitted pass, so the whitening statistics are those of the global batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llava_jax import fact_reward, ppo, roles, sharding
+from llava_jax.lora import Adapter
+from llava_jax.sampling import SamplingConfig, generate
+
+# What the update needs of a rollout (the rest is dropped after scoring).
+UPDATE_KEYS = ("query_ids", "query_mask", "response", "response_mask", "logprobs", "values", "advantages",
+               "returns", "policy_features", "reward_features", "value_query_ids", "value_query_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    sampling: SamplingConfig
+    weights: fact_reward.RewardWeights
+    with_facts: bool = True
+    template: str = "vicuna_v1"
+    pad_multiple: int = 64
+    seed: int = 0
+
+
+def generate_responses(spec: roles.PPOSpec, sampling: SamplingConfig, frozen: dict, params: dict, batch: dict,
+                       rng: jax.Array) -> dict:
+    """Policy tower features (kept for every later pass) and sampled responses."""
+    base = frozen["policy_base"]
+    features = roles.vision_features(spec.policy_config, base, batch["pixel_values"])
+    out = generate(spec.policy_config, base, Adapter(params["policy"], spec.policy_lora), batch["query_ids"],
+                   batch["query_mask"], None, rng, sampling, vision_features=features)
+    return {"policy_features": features, "response": out["tokens"], "response_mask": out["mask"],
+            "logprobs": out["logprobs"]}
+
+
+def score_responses(spec: roles.PPOSpec, frozen: dict, params: dict, batch: dict) -> dict:
+    """Reference log-probs, values and the RM score of sampled responses."""
+    ref_logprobs, _ = roles.response_logprobs(spec, frozen["policy_base"], frozen["ref"], batch,
+                                              batch["policy_features"])
+    out = {"ref_logprobs": ref_logprobs}
+    if spec.shared_base:
+        features = batch["policy_features"]
+    else:
+        features = out["reward_features"] = roles.vision_features(spec.reward_config, frozen["reward_base"],
+                                                                  batch["reward_pixel_values"])
+    base = roles.reward_base(spec, frozen)
+    out["values"] = roles.response_values(spec, base, params["value"], params["value_head"], batch, features)
+    out["rm_raw"] = roles.reward_model_scores(spec, base, frozen["reward"], frozen["reward_head"], batch["reward_ids"],
+                                              batch["reward_mask"], features)
+    return out
+
+
+def finish_rollout(hyper: ppo.PPOHyper, weights: fact_reward.RewardWeights, response_len: int, eos_id: int,
+                   rollout: dict, kl_coef: jax.Array) -> tuple[dict, dict]:
+    """Score terms, shaped rewards, advantages and returns of the whole (global) batch."""
+    mask = rollout["response_mask"].astype(bool)
+    length = jnp.sum(mask, axis=-1).astype(jnp.float32)
+    has_stop = jnp.any((rollout["response"] == eos_id) & mask, axis=-1).astype(jnp.float32)
+    terms = fact_reward.score_terms(rollout["rm_raw"], rollout["correct"], length / response_len,
+                                    rollout["length_bonus"], has_stop, weights)
+    advantages, metrics = ppo.compute_advantages(hyper, {**rollout, "score": terms["score"]}, kl_coef)
+    rows = rollout["valid"].astype(bool)
+    row_mean = lambda x: jnp.sum(jnp.where(rows, x, 0.0)) / jnp.maximum(jnp.sum(rows), 1)  # noqa: E731
+    metrics.update({k: row_mean(v) for k, v in terms.items() if k != "score"})
+    metrics.update(response_length=row_mean(length), stop_rate=row_mean(has_stop),
+                   correct_rate=row_mean(rollout["correct"]))
+    return {**rollout, **advantages, "score": terms["score"]}, metrics
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    shards = {}
+    for shard in array.addressable_shards:
+        shards.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+    return np.concatenate([shards[k] for k in sorted(shards)], axis=0)
+
+
+def agree_width(width: int) -> int:
+    """The widest of every process's padded width (one global shape)."""
+    if jax.process_count() == 1:
+        return width
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray([width], np.int32))))
+
+
+class Rollouts:
+    """Jitted rollout passes for one run, and the host work between them."""
+
+    def __init__(self, spec: roles.PPOSpec, hyper: ppo.PPOHyper, rcfg: RolloutConfig, tokenizer: Any,
+                 prompt: Any, mesh: Any, frozen_sh: Any):
+        self.spec, self.hyper, self.rcfg, self.tokenizer, self.prompt, self.mesh = spec, hyper, rcfg, tokenizer, prompt, mesh
+        self._generate = jax.jit(functools.partial(generate_responses, spec, rcfg.sampling),
+                                 in_shardings=(frozen_sh, None, None, None))
+        self._score = jax.jit(functools.partial(score_responses, spec), in_shardings=(frozen_sh, None, None))
+        self._finish = jax.jit(functools.partial(finish_rollout, hyper, rcfg.weights, rcfg.sampling.max_new_tokens,
+                                                 rcfg.sampling.eos_id))
+        self._concat = jax.jit(lambda chunks: jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *chunks))
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, np.ndim(v)), np.asarray(v))
+                for k, v in batch.items()}
+
+    def chunk(self, frozen: dict, params: dict, host: dict, rng: jax.Array, seed: tuple[int, ...],
+              timings: dict) -> tuple[dict, list[dict]]:
+        """Samples and scores one loader batch; returns device arrays and per-row samples."""
+        spec, rcfg = self.spec, self.rcfg
+        inputs = {"query_ids": host["input_ids"], "query_mask": host["attention_mask"],
+                  "pixel_values": host["pixel_values"], "length_bonus": host["length_bonus"], "valid": host["valid"]}
+        if not spec.shared_base:
+            inputs["reward_pixel_values"] = host["reward_pixel_values"]
+            n_from, n_to = spec.policy_config.num_image_tokens, spec.reward_config.num_image_tokens
+            inputs["value_query_ids"], inputs["value_query_mask"] = fact_reward.relayout_image_tokens(
+                host["input_ids"], host["attention_mask"], spec.reward_config.image_token_index, n_from, n_to,
+                self.tokenizer.pad_id)
+        begin = time.perf_counter()
+        batch = self.to_device(inputs)
+        generated = jax.block_until_ready(self._generate(frozen, params, batch, rng))
+        timings["generate"] += time.perf_counter() - begin
+
+        begin = time.perf_counter()
+        tokens, mask = local_rows(generated["response"]), local_rows(generated["response_mask"])
+        texts = fact_reward.response_texts(tokens, mask, self.tokenizer, rcfg.sampling.eos_id)
+        metas = host["meta"]
+        correct = np.asarray([fact_reward.correctness(t, c) for t, c in zip(texts, host["caption_type"])], np.float32)
+        reward_ids, reward_mask = fact_reward.reward_inputs(
+            metas, texts, self.tokenizer, self.prompt, with_facts=rcfg.with_facts,
+            num_image_tokens=spec.reward_config.num_image_tokens, image_token_index=spec.reward_config.image_token_index,
+            template=rcfg.template, seed=seed, pad_id=self.tokenizer.pad_id, pad_multiple=rcfg.pad_multiple)
+        width = agree_width(reward_ids.shape[1])
+        if width > reward_ids.shape[1]:
+            reward_ids, reward_mask = fact_reward.reward_inputs(
+                metas, texts, self.tokenizer, self.prompt, with_facts=rcfg.with_facts,
+                num_image_tokens=spec.reward_config.num_image_tokens,
+                image_token_index=spec.reward_config.image_token_index, template=rcfg.template, seed=seed,
+                pad_id=self.tokenizer.pad_id, length=width)
+        extra = self.to_device({"reward_ids": reward_ids, "reward_mask": reward_mask, "correct": correct})
+        scored = self._score(frozen, params, {**batch, **generated, **extra})
+        rollout = {**batch, **generated, **scored, "correct": extra["correct"]}
+        for key in ("pixel_values", "reward_pixel_values"):
+            rollout.pop(key, None)
+        jax.block_until_ready(rollout)
+        timings["score"] += time.perf_counter() - begin
+        samples = [{"id": m.get("id") if m else None, "image": m.get("image") if m else None,
+                    "question": m.get("question") if m else None, "response": t, "correct": float(c)}
+                   for m, t, c in zip(metas, texts, correct)]
+        if samples:  # the first row's full reward-model input, to see what the RM read
+            samples[0]["reward_input"] = self.tokenizer.decode(
+                [int(i) for i, v in zip(reward_ids[0], reward_mask[0]) if v and i != spec.reward_config.image_token_index])
+        return rollout, samples
+
+    def collect(self, frozen: dict, params: dict, batches: list[dict], step: int, kl_coef: float,
+                timings: dict) -> tuple[dict, dict, list[dict]]:
+        """The scored rollout batch (device arrays with advantages), its metrics and samples."""
+        chunks, samples = [], []
+        for c, host in enumerate(batches):
+            rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.rcfg.seed), step), c)
+            rollout, rows = self.chunk(frozen, params, host, rng, (self.rcfg.seed, step, c, jax.process_index()),
+                                       timings)
+            chunks.append(rollout)
+            samples += rows
+        begin = time.perf_counter()
+        rollout = chunks[0] if len(chunks) == 1 else self._concat(chunks)
+        rollout, metrics = self._finish(rollout, jnp.float32(kl_coef))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        timings["score"] += time.perf_counter() - begin
+        score = local_rows(rollout["score"])
+        for row, value in zip(samples, score):
+            row["score"] = float(value)
+        return {k: v for k, v in rollout.items() if k in UPDATE_KEYS}, metrics, samples
+
+
+def write_samples(workdir: str, step: int, samples: list[dict]) -> None:
+    """workdir/rollouts/step_N.jsonl: what the policy said and what it earned."""
+    directory = os.path.join(workdir, "rollouts")
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"step_{step:06d}.jsonl"), "w") as f:
+        for row in samples:
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,103 @@
+"""The compile check on the tiny model and the 8 forced CPU devices: its memory figures
+agree with byte counts made independently from the shardings, and the fits columns flip."""
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs.common import base_config
+from configs.tiny_rm import get_config as tiny_rm
+from configs.tiny_sft import get_config as tiny_sft
+from llava_jax import compile_check as cc, sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _shards(leaf, mesh):
+    """How many pieces a leaf is cut into: the product of the mesh axes its spec names."""
+    axes = [a for entry in leaf.sharding.spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)]
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _expected(tree, mesh):
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        nbytes = math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+        assert nbytes % _shards(leaf, mesh) == 0
+        total += nbytes // _shards(leaf, mesh)
+    return total
+
+
+@pytest.mark.parametrize("make_cfg, mesh_shape", [(tiny_sft, (1, 8, 1)), (tiny_rm, (2, 2, 2))])
+def test_memory_figures_match_the_shardings(make_cfg, mesh_shape):
+    os.chdir(ROOT)
+    cfg = make_cfg()
+    mesh = sharding.make_mesh(mesh_shape)
+    ctx = cc.Context(cfg, mesh, cc.with_runtime(cfg, cc.resolve_model(cfg.model.init, None)[0]))
+    step = cc.STEP_BUILDERS[f"{cfg.stage}_step"](ctx)
+    report = cc.compile_step(step, mesh)
+    state, frozen, batch = step.args
+
+    # Every base param is counted once (trainable or frozen), plus the adapter / head.
+    n_base = sum(x.size for x in jax.tree_util.tree_leaves(cc.abstract_base(ctx.config)))
+    n_frozen = sum(x.size for x in jax.tree_util.tree_leaves(frozen))
+    n_train = {k: sum(x.size for x in jax.tree_util.tree_leaves(v)) for k, v in state.params.items()}
+    assert n_frozen + n_train.get("base", 0) == n_base
+    assert set(n_train) == ({"base"} if cfg.stage == "sft" else {"adapter", "head"})
+
+    assert report.params == _expected((state.params, frozen), mesh)
+    assert report.opt == _expected(state.opt_state, mesh)
+    assert any(_shards(x, mesh) > 1 for x in jax.tree_util.tree_leaves(state.params))  # really sharded
+    # XLA's own count of the arguments is the same sum, batch and step/rng included.
+    assert report.memory["argument"] == _expected((state, frozen, batch), mesh)
+    # The donated state comes back in place: only the metrics are new outputs.
+    assert report.memory["alias"] == _expected((state.params, state.opt_state), mesh) + _expected(
+        (state.step, state.rng), mesh)
+    assert report.temp > 0 and report.compile_seconds > 0
+    assert report.total == report.memory["argument"] + report.memory["output"] - report.memory["alias"] + report.temp
+
+    assert report.fits(report.total) and not report.fits(report.total - 1)
+    table = cc.format_table([report], {"tiny": 1024, "big": 1 << 40})
+    row = table.splitlines()[-1].split(" | ")
+    assert row[-2:] == ["NO", "yes |"]
+
+
+def test_ppo_rollout_compiles_and_ppo_step_is_pending():
+    cfg = base_config()
+    cfg.stage, cfg.train.trainable, cfg.train.lora_rank = "ppo", "lora", 4
+    cfg.ppo.rollout_batch, cfg.ppo.max_query_tokens, cfg.ppo.response_len = 8, 8, 4
+    mesh = sharding.make_mesh((1, 8, 1))
+    reports = cc.check(cfg, mesh, log=lambda _: None)
+    assert [r.name for r in reports] == ["rollout_generate", "ppo_step"]
+    rollout, pending = reports
+    assert not rollout.pending and rollout.temp > 0 and rollout.compile_seconds > 0
+    # Resident: the policy base + 4 adapters + 2 heads; AdamW moments of policy, value and its head.
+    ctx = cc.Context(cfg, mesh, cc.with_runtime(cfg, cc.tiny_config()))
+    params, opt = cc.ppo_resident(ctx)
+    assert rollout.params == _expected(params, mesh) and rollout.opt == _expected(opt, mesh)
+    assert set(params["adapters"]) == {"policy", "ref_policy", "value", "reward"}
+    assert pending.pending and "pending llava_jax/ppo.py" in pending.note and not pending.fits(1 << 60)
+    assert "pending" in cc.format_table(reports, cc.DEVICE_MEMORY).splitlines()[-1]
+
+
+def test_presets_and_parsing():
+    llm = {name: sum(x.size for x in jax.tree_util.tree_leaves(cc.abstract_base(cc.model_preset(name))["llm"]))
+           for name in ("7b", "13b")}
+    assert llm == {"7b": 6_738_415_616, "13b": 13_015_864_320}  # Vicuna-7B / 13B parameter counts
+    assert cc.model_preset("7b").num_image_tokens == 256 and cc.model_preset("13b").num_image_tokens == 576
+    assert cc.resolve_model("runs/sft_13b/model", None)[0] == cc.model_preset("13b")
+    assert cc.resolve_model("runs/sft_13b/model", "7b")[0] == cc.model_preset("7b")
+    with pytest.raises(ValueError, match="--model"):
+        cc.resolve_model("runs/unnamed/model", None)
+
+    assert cc.parse_bytes("16GiB") == 16 * 2**30 == cc.parse_bytes("16G") and cc.parse_bytes("80GB") == 80 * 10**9
+    assert cc.parse_mesh("data=1,fsdp=8,tensor=1") == (1, 8, 1) == cc.parse_mesh("fsdp=8") == cc.parse_mesh("1,8,1")
+    with pytest.raises(ValueError):
+        cc.parse_mesh("pipeline=2")
+    cfg = tiny_sft()
+    cc.apply_overrides(cfg, ["--config.model.remat=dots", "--config.train.grad_accum=4", "--config.log.tensorboard=false"])
+    assert (cfg.model.remat, cfg.train.grad_accum, cfg.log.tensorboard) == ("dots", 4, False)
+    with pytest.raises(ValueError, match="no such field"):
+        cc.apply_overrides(cfg, ["--config.model.nope=1"])
