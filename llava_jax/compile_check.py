@@ -367,7 +367,9 @@ def compile_step(step: Step, mesh: Mesh) -> StepReport:
     stats = compiled.memory_analysis()
     memory = {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
     params, opt = device_bytes(step.params), device_bytes(step.opt)
-    io = memory["argument"] - step.state_in_args + memory["output"] - memory["alias"]
+    # Our own count of the arguments, not XLA's: jit drops arguments the step never reads
+    # (lm_head in the RM, CLIP's last norm), but they still sit on the devices.
+    io = device_bytes(step.args) - step.state_in_args + memory["output"] - memory["alias"]
     return StepReport(step.name, step.note, params, opt, io, memory["temp"], seconds, memory)
 
 
