@@ -361,7 +361,9 @@ class StepReport:
 def compile_step(step: Step, mesh: Mesh) -> StepReport:
     """Lowers and compiles `step` for `mesh` and reads its memory analysis."""
     start = time.perf_counter()
-    with mesh, sharding.activation_rules():
+    # jax.set_mesh, not `with mesh:` -- under the legacy context flax sees no mesh and every
+    # with_logical_constraint in the models is silently dropped (JAX >= 0.7).
+    with jax.set_mesh(mesh), sharding.activation_rules():
         compiled = step.fn.lower(*step.args).compile()
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()
@@ -378,7 +380,8 @@ def check(cfg: Any, mesh: Mesh, *, model: str | None = None, reward_model: str |
           log: Callable[[str], None] = print) -> list[StepReport]:
     """Compiles every step of `cfg.stage` (or `steps`) for `mesh`; one report each."""
     config, source = resolve_model(cfg.model.init, model)
-    log(f"model: {source}; {config.text.num_layers} LLM layers{f' (--layers {layers})' if layers else ''}, "
+    config = with_runtime(cfg, config, layers)
+    log(f"model: {source}; {config.text.num_layers} LLM layers{' (--layers)' if layers else ''}, "
         f"hidden {config.text.hidden_size}, {config.num_image_tokens} image tokens; dtype {cfg.model.dtype}, "
         f"params {cfg.model.param_dtype}, remat {cfg.model.remat}")
     reward_config = None
@@ -386,7 +389,7 @@ def check(cfg: Any, mesh: Mesh, *, model: str | None = None, reward_model: str |
         reward_config, rsource = resolve_model(cfg.ppo.reward_base, reward_model)
         reward_config = with_runtime(cfg, reward_config, layers)
         log(f"reward base: {rsource}; {reward_config.text.num_layers} layers, hidden {reward_config.text.hidden_size}")
-    ctx = Context(cfg, mesh, with_runtime(cfg, config, layers), reward_config, rollout_batch)
+    ctx = Context(cfg, mesh, config, reward_config, rollout_batch)
     reports = []
     for name in steps or STAGE_STEPS[cfg.stage]:
         if name not in STEP_BUILDERS:
@@ -395,11 +398,11 @@ def check(cfg: Any, mesh: Mesh, *, model: str | None = None, reward_model: str |
             step = STEP_BUILDERS[name](ctx)
         except NotImplementedError as e:
             reports.append(StepReport(name, str(e), pending=True))
-            log(f"{name}: {e}")
+            log(str(e))
             continue
         log(f"{name}: compiling ({step.note}) ...")
         reports.append(compile_step(step, mesh))
-        log(f"{name}: {reports[-1].compile_seconds:.1f}s, total {reports[-1].total / GiB:.2f} GiB per device")
+        log(f"{name}: compiled in {reports[-1].compile_seconds:.1f}s, {reports[-1].total / GiB:.3f} GiB per device")
     return reports
 
 
@@ -408,7 +411,7 @@ def format_table(reports: list[StepReport], memories: dict[str, int]) -> str:
     unit, unit_name = (GiB, "GiB") if max((r.total for r in reports), default=0) >= GiB // 4 else (2**20, "MiB")
     cols = ["step", f"params {unit_name}", f"opt state {unit_name}", f"batch+out {unit_name}",
             f"temp {unit_name}", f"total {unit_name}", "compile s"]
-    cols += [f"{name} ({size / GiB:g} GiB)" for name, size in memories.items()]
+    cols += [f"{name} ({size / GiB:g} GiB)" if name in DEVICE_MEMORY else f"fits {name}" for name, size in memories.items()]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in reports:
         if r.pending:

@@ -178,7 +178,8 @@ def run_ppo(cfg: Any) -> dict:
         state, kl_coef = restored["train"], float(restored["kl_coef"])
         loader.restore(loader_states[jax.process_index()])
     else:
-        state = jax.jit(lambda q: create_state(q, optimizer, rng), out_shardings=state_sh)(params)
+        # host copies: restored arrays are committed to one device, the state spans the mesh
+        state = jax.jit(lambda q: create_state(q, optimizer, rng), out_shardings=state_sh)(jax.device_get(params))
     del params
     rollouts = Rollouts(spec, hyper, rcfg, tokenizer, prompt, mesh, frozen_sh)
     step_fn = jax.jit(functools.partial(ppo.ppo_step, spec, hyper, optimizer, schedule),

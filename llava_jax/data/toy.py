@@ -120,7 +120,7 @@ def _contradict(scene, rng: random.Random) -> str:
     colors = [c for c in COLORS if c not in {o[1] for o in scene}]
     shapes = [s for s in SHAPES if s not in {o[0] for o in scene}]
     free = [p for p in PLACES if p not in {o[2] for o in scene}]
-    kind = rng.choice(("color", "shape", "extra") if free else ("color", "shape"))
+    kind = rng.choice(("color", "shape", "extra") if free and os.environ.get("TOY_SUBS") is None else ("color", "shape"))
     if kind == "extra":
         if rng.random() < 0.5:
             obj = (rng.choice(shapes), rng.choice(list(COLORS)))

@@ -1,0 +1,55 @@
+"""A tiny PPO world for tests: a briefly SFT-ed tiny LLaVA (the shared base) and a random
+reward adapter + head over it (the "reward model")."""
+import os
+
+import jax
+
+from configs.tiny_ppo import get_config as tiny_ppo
+from llava_jax import heads, lora as lora_lib
+from llava_jax.convert.ckpt import write_adapter_dir
+
+
+def make_world(root: str, sft_steps: int = 30, seed: int = 0) -> tuple[str, str]:
+    """(base checkpoint dir, reward adapter dir) under `root`: a short tiny_sft run (the
+    policy must have learnt to stop for a length penalty to act on) and a random LoRA +
+    reward head over it as the reward model."""
+    from configs.tiny_sft import get_config as tiny_sft
+    from llava_jax.convert import load_checkpoint
+    from llava_jax.trainer import run
+
+    sft = tiny_sft()
+    sft.workdir = os.path.join(root, "sft")
+    sft.train.max_steps = sft_steps
+    sft.log.tensorboard = False
+    sft.data.workers = 0
+    sft.data.num_buckets = 1
+    run(sft)
+    base_dir = os.path.join(sft.workdir, "model")
+    _, base = load_checkpoint(base_dir)
+    lcfg = lora_lib.LoraConfig(rank=4, alpha=8.0)
+    adapter = lora_lib.init_adapter(base, lcfg, jax.random.PRNGKey(seed + 1))
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed + 2), 64))
+    params = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), adapter.params)
+    head = heads.init_head("reward", base["llm"]["norm"]["scale"].shape[0], jax.random.PRNGKey(seed + 3))
+    head["kernel"] = head["kernel"] * 20.0  # scores spread over a few units, like a trained RM's
+    reward_dir = os.path.join(root, "reward_adapter")
+    write_adapter_dir(reward_dir, lora_lib.Adapter(params, lcfg), head, "reward")
+    return base_dir, reward_dir
+
+
+def ppo_config(workdir: str, base_dir: str, reward_dir: str, steps: int, mesh=(1, -1, 1)):
+    cfg = tiny_ppo()
+    cfg.requires = ""
+    cfg.workdir = str(workdir)
+    cfg.model.init = base_dir
+    cfg.ppo.reward_adapter = reward_dir
+    cfg.train.max_steps = steps
+    cfg.train.lora_rank = 4
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
+    cfg.ppo.rollout_batch = 8
+    cfg.ppo.step_batch = 4
+    cfg.ppo.response_len = 12
+    cfg.checkpoint.every = 100
+    cfg.log.tensorboard = False
+    cfg.data.workers = 0
+    return cfg
