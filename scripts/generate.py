@@ -68,7 +68,8 @@ def report_pope(questions_path: str, answers: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="converted checkpoint (tools/convert_hf.py import)")
-    p.add_argument("--adapter", help="adapter name inside the checkpoint (e.g. policy)")
+    p.add_argument("--adapter", help="adapter name inside the checkpoint (e.g. policy), or an adapter directory "
+                   "(a LoRA or PPO run's workdir/adapter)")
     p.add_argument("--tokenizer", required=True, help="HF tokenizer directory")
     p.add_argument("--questions", required=True)
     p.add_argument("--image-folder", default="")
@@ -86,13 +87,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
-    from llava_jax.convert import load_adapter, load_checkpoint
+    from llava_jax.convert import load_adapter, load_adapter_dir, load_checkpoint
     from llava_jax.data import EvalDataset, Loader, load_tokenizer, make_answer, vision_kwargs
     from llava_jax.sampling import SamplingConfig, generate_fn
 
     config, base = load_checkpoint(a.ckpt, dtype=a.dtype)
     config = config.with_runtime(dtype=a.dtype)
-    adapter = load_adapter(a.ckpt, a.adapter)[0] if a.adapter else None
+    adapter = None
+    if a.adapter and os.path.isdir(a.adapter) and not os.path.isdir(os.path.join(a.ckpt, "adapters", a.adapter)):
+        adapter = load_adapter_dir(a.adapter, base)[0]
+    elif a.adapter:
+        adapter = load_adapter(a.ckpt, a.adapter)[0]
     tokenizer = load_tokenizer(a.tokenizer)
     dataset = EvalDataset(a.questions, tokenizer, fmt=a.format, image_folder=a.image_folder, template=a.template,
                           max_length=a.max_length, **vision_kwargs(config))
