@@ -41,6 +41,7 @@ def get_config():
     c.ppo.step_batch = 256
     c.ppo.ppo_epochs = 2
     c.ppo.grad_accum = 32  # micro-batches of 8 rollouts per optimiser step
+    c.ppo.rollout_chunk = 64  # prompts per sampling pass: the 13B KV cache of 512 fits nothing (compile_check.py)
     c.ppo.max_query_tokens = 128
     c.ppo.response_len = 896
     c.ppo.temperature = 1.0

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from llava_jax import heads, lora as lora_lib, sharding, trainable
 from llava_jax.models.clip import ClipVisionConfig
@@ -73,16 +73,16 @@ def apply_overrides(cfg: Any, items: list[str]) -> None:
             raise ValueError(f"unrecognised argument {item!r} (overrides look like --config.a.b=value)")
         *parents, leaf = m.group(1).split(".")
         node = cfg
-        for key in parents:
-            node = node[key]
-        if leaf not in node:
-            raise ValueError(f"--config.{m.group(1)}: no such field")
+        for key in (*parents, leaf):
+            if not hasattr(node, "keys") or key not in node:
+                raise ValueError(f"--config.{m.group(1)}: no such field")
+            node, parent = node[key], node
         raw = m.group(2)
         try:
             value = ast.literal_eval({"true": "True", "false": "False"}.get(raw.lower(), raw))
         except (ValueError, SyntaxError):
             value = raw
-        node[leaf] = value
+        parent[leaf] = value
 
 
 # ------------------------------------------------------------------------------ models
@@ -122,7 +122,7 @@ def resolve_model(init: str, preset: str | None) -> tuple[LlavaConfig, str]:
 
 
 def with_runtime(cfg: Any, config: LlavaConfig, layers: int | None = None) -> LlavaConfig:
-    """The config's dtype / param_dtype / remat knobs, and optionally fewer LLM layers."""
+    """The config's dtype / param_dtype / remat knobs, and optionally another LLM depth."""
     config = config.with_runtime(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                                  remat_policy=cfg.model.remat)
     if layers:
@@ -179,7 +179,7 @@ class Context:
     mesh: Mesh
     config: LlavaConfig  # the (policy) model, runtime knobs applied
     reward_config: LlavaConfig | None = None  # ppo: a separate reward/value base (ppo.reward_base), else None
-    rollout_batch: int = 0  # ppo: prompts per generate call (default ppo.rollout_batch)
+    rollout_batch: int = 0  # ppo: prompts per generate call (0: ppo.rollout_chunk, else ppo.rollout_batch)
 
 
 @dataclasses.dataclass
@@ -258,19 +258,16 @@ def _adapters_over(base: dict, config: LlavaConfig, lcfg: lora_lib.LoraConfig, m
 
 
 def ppo_resident(ctx: Context) -> tuple[dict, dict]:
-    """(params, optimiser state) PPO keeps on the devices, as issue 7 lays it out: one
-    policy base and, with ppo.reward_base, one reward base (param_dtype); float32 LoRA
-    adapters policy and ref_policy over the policy base, value and reward over the reward
-    base; float32 value and reward heads; AdamW over {policy, value, value head}.
-    Replace with ppo.py's own state tree once it lands."""
+    """(params, optimiser state) PPO keeps on the devices, as ppo_trainer.load_roles lays
+    them out: one policy base and, with ppo.reward_base, one reward base (param_dtype);
+    float32 LoRA adapters policy and ref_policy over the policy base, value and reward over
+    the reward base; float32 value and reward heads; AdamW over {policy, value, value head}."""
     mesh, lcfg = ctx.mesh, lora_config(ctx.cfg)
-    policy_cfg = ctx.config
-    reward_cfg = ctx.reward_config or ctx.config
-    bases = {"policy_base": abstract_base(policy_cfg)}
+    policy_cfg, reward_cfg = ctx.config, ctx.reward_config or ctx.config
+    placed = lambda c, tree: with_shardings(tree, sharding.param_shardings(c, tree, mesh))  # noqa: E731
+    bases = {"policy_base": placed(policy_cfg, abstract_base(policy_cfg))}
     if ctx.reward_config is not None:
-        bases["reward_base"] = abstract_base(reward_cfg)
-    bases = {k: with_shardings(v, sharding.param_shardings(policy_cfg if k == "policy_base" else reward_cfg, v, mesh))
-             for k, v in bases.items()}
+        bases["reward_base"] = placed(reward_cfg, abstract_base(reward_cfg))
     reward_base = bases.get("reward_base", bases["policy_base"])
     rep = sharding.replicated(mesh)
     head = jax.eval_shape(lambda: heads.init_head("value", reward_cfg.text.hidden_size))
@@ -288,15 +285,16 @@ def ppo_resident(ctx: Context) -> tuple[dict, dict]:
 
 def build_rollout(ctx: Context) -> Step:
     """The policy's rollout: `sampling.generate` (prefill + the lax.while_loop decode over the
-    KV cache) compiled as ONE executable, as it runs; ppo.rollout_batch prompts of
-    max_query_tokens - 1 + image tokens, ppo.response_len new tokens."""
+    KV cache) compiled as ONE executable, as it runs; ppo.rollout_chunk (as the trainer:
+    0 = all ppo.rollout_batch) prompts of max_query_tokens - 1 + image tokens, response_len
+    new tokens."""
     from llava_jax.sampling import SamplingConfig, generate
 
     cfg, config, mesh = ctx.cfg, ctx.config, ctx.mesh
     params, opt = ppo_resident(ctx)
     base, adapter = params["policy_base"], params["adapters"]["policy"]
     lcfg = lora_config(cfg)
-    b = ctx.rollout_batch or cfg.ppo.rollout_batch
+    b = ctx.rollout_batch or cfg.ppo.get("rollout_chunk", 0) or cfg.ppo.rollout_batch
     prompt = cfg.ppo.max_query_tokens - 1 + config.num_image_tokens  # the image counts as one query token
     sampling = SamplingConfig(max_new_tokens=cfg.ppo.response_len, temperature=cfg.ppo.temperature,
                               top_p=cfg.ppo.top_p, top_k=cfg.ppo.top_k, eos_id=config.text.eos_token_id,
@@ -319,12 +317,14 @@ def build_rollout(ctx: Context) -> Step:
 
 
 def build_ppo_step(ctx: Context) -> Step:
-    """Extension point for the PPO update (llava_jax/ppo.py). Expected: return
-    Step("ppo_step", fn=jax.jit(partial(ppo_step, ...), in_shardings=..., out_shardings=...,
-    donate_argnums=(0,)), args=(abstract state, frozen bases/adapters, abstract batch of
-    ppo.step_batch rollouts of max_query_tokens - 1 + image tokens + response_len tokens),
-    params/opt=ppo.py's resident trees (or `ppo_resident(ctx)`), state_in_args=their
-    per-device bytes among args)."""
+    """Extension point for the PPO update, to wire to llava_jax/ppo.py as ppo_trainer.run_ppo
+    jits it: fn = jax.jit(partial(ppo.ppo_step, spec, hyper, optimizer, schedule),
+    in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, None),
+    donate_argnums=(0,)); args = (abstract TrainState over {policy, value, value_head},
+    abstract frozen {policy_base, (reward_base), ref, reward, reward_head}, an abstract
+    minibatch of ppo.step_batch rollouts); return Step("ppo_step", fn, args,
+    params=(state.params, frozen), opt=state.opt_state,
+    state_in_args=device_bytes((state.params, frozen, state.opt_state)))."""
     raise NotImplementedError("ppo_step: pending llava_jax/ppo.py")
 
 
@@ -338,7 +338,8 @@ STEP_BUILDERS: dict[str, Callable[[Context], Step]] = {
 
 @dataclasses.dataclass
 class StepReport:
-    """Per-device bytes of one compiled step (None for a pending step, see `note`)."""
+    """Per-device bytes of one compiled step (all zero with pending=True for a step whose
+    builder is not written yet; `note` says why)."""
 
     name: str
     note: str = ""
@@ -361,12 +362,14 @@ class StepReport:
 def compile_step(step: Step, mesh: Mesh) -> StepReport:
     """Lowers and compiles `step` for `mesh` and reads its memory analysis."""
     start = time.perf_counter()
-    # jax.set_mesh, not `with mesh:` -- under the legacy context flax sees no mesh and every
-    # with_logical_constraint in the models is silently dropped (JAX >= 0.7).
+    # jax.set_mesh, not `with mesh:`: under the legacy context flax finds no mesh and drops
+    # every with_logical_constraint in the models without a word (seen with JAX 0.10).
     with jax.set_mesh(mesh), sharding.activation_rules():
         compiled = step.fn.lower(*step.args).compile()
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()
+    if stats is None:
+        raise RuntimeError(f"{step.name}: this backend reports no memory analysis")
     memory = {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
     params, opt = device_bytes(step.params), device_bytes(step.opt)
     # Our own count of the arguments, not XLA's: jit drops arguments the step never reads
@@ -411,7 +414,7 @@ def format_table(reports: list[StepReport], memories: dict[str, int]) -> str:
     unit, unit_name = (GiB, "GiB") if max((r.total for r in reports), default=0) >= GiB // 4 else (2**20, "MiB")
     cols = ["step", f"params {unit_name}", f"opt state {unit_name}", f"batch+out {unit_name}",
             f"temp {unit_name}", f"total {unit_name}", "compile s"]
-    cols += [f"{name} ({size / GiB:g} GiB)" if name in DEVICE_MEMORY else f"fits {name}" for name, size in memories.items()]
+    cols += [f"{n} ({size / GiB:g} GiB)" if n in DEVICE_MEMORY else f"fits {n}" for n, size in memories.items()]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in reports:
         if r.pending:

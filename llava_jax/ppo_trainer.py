@@ -191,7 +191,7 @@ def run_ppo(cfg: Any) -> dict:
     start = int(jax.device_get(state.step)) // updates_per_step
     bar = ProgressBar(steps, initial=start, process_index=jax.process_index(), desc="ppo")
     last: dict = {}
-    with mesh, sharding.activation_rules():
+    with jax.set_mesh(mesh), sharding.activation_rules():  # set_mesh: flax sees the mesh (activation constraints)
         for step in range(start + 1, steps + 1):
             timings = {"generate": 0.0, "score": 0.0}
             batches = [next(loader) for _ in range(chunks_per_step)]

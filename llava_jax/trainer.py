@@ -324,7 +324,7 @@ def run(cfg: Any) -> dict:
     start = int(jax.device_get(state.step))
     bar = ProgressBar(steps, initial=start, process_index=jax.process_index(), desc=cfg.stage)
     last: dict = {}
-    with mesh, sharding.activation_rules():
+    with jax.set_mesh(mesh), sharding.activation_rules():  # set_mesh: flax sees the mesh (activation constraints)
         for step in range(start + 1, steps + 1):
             batch = agree_length(next(loader), loader)
             tokens = float(np.sum(batch["attention_mask"])) * jax.process_count()

@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--reward-model", default=None, choices=("7b", "13b", "tiny"),
                    help="ppo: preset of ppo.reward_base (default: inferred)")
     p.add_argument("--layers", type=int, default=None, help="override the LLM depth (compile time vs depth)")
-    p.add_argument("--rollout-batch", type=int, default=0, help="ppo: prompts per generate call (default ppo.rollout_batch)")
+    p.add_argument("--rollout-batch", type=int, default=0,
+                   help="ppo: prompts per generate call (default: ppo.rollout_chunk, else rollout_batch)")
     p.add_argument("--steps", default=None, help="comma-separated subset, e.g. rollout_generate")
     return p.parse_known_args(argv)
 

@@ -37,19 +37,22 @@ def make_world(root: str, sft_steps: int = 30, seed: int = 0) -> tuple[str, str]
     return base_dir, reward_dir
 
 
+def ppo_overrides(workdir: str, base_dir: str, reward_dir: str, steps: int, mesh=(1, -1, 1)) -> dict:
+    """The test runs' settings over configs/tiny_ppo.py, as dotted keys (in-process or CLI)."""
+    return {"requires": "", "workdir": str(workdir), "model.init": base_dir, "ppo.reward_adapter": reward_dir,
+            "train.max_steps": steps, "train.lora_rank": 4,
+            "optim.schedule": "constant",  # runs of different lengths share their first steps
+            "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],
+            "ppo.rollout_batch": 8, "ppo.step_batch": 4, "ppo.response_len": 12,
+            "checkpoint.every": 100, "log.tensorboard": False, "data.workers": 0}
+
+
 def ppo_config(workdir: str, base_dir: str, reward_dir: str, steps: int, mesh=(1, -1, 1)):
     cfg = tiny_ppo()
-    cfg.requires = ""
-    cfg.workdir = str(workdir)
-    cfg.model.init = base_dir
-    cfg.ppo.reward_adapter = reward_dir
-    cfg.train.max_steps = steps
-    cfg.train.lora_rank = 4
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
-    cfg.ppo.rollout_batch = 8
-    cfg.ppo.step_batch = 4
-    cfg.ppo.response_len = 12
-    cfg.checkpoint.every = 100
-    cfg.log.tensorboard = False
-    cfg.data.workers = 0
+    for key, value in ppo_overrides(workdir, base_dir, reward_dir, steps, mesh).items():
+        node, name = cfg, key
+        while "." in name:
+            head, name = name.split(".", 1)
+            node = node[head]
+        node[name] = value
     return cfg

@@ -1,5 +1,6 @@
 """The compile check on the tiny model and the 8 forced CPU devices: its memory figures
 agree with byte counts made independently from the shardings, and the fits columns flip."""
+import json
 import math
 import os
 
@@ -11,6 +12,7 @@ from configs.common import base_config
 from configs.tiny_rm import get_config as tiny_rm
 from configs.tiny_sft import get_config as tiny_sft
 from llava_jax import compile_check as cc, sharding
+from llava_jax.convert.ckpt import FORMAT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +30,8 @@ def _flat(tree):
 
 def _shards(leaf, mesh):
     """How many pieces a leaf is cut into: the product of the mesh axes its spec names."""
-    axes = [a for entry in leaf.sharding.spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)]
+    spec = [(e,) if isinstance(e, str) else e for e in leaf.sharding.spec if e is not None]
+    axes = [a for entry in spec for a in entry]
     return math.prod(mesh.shape[a] for a in axes)
 
 
@@ -99,7 +102,7 @@ def test_ppo_rollout_compiles_and_ppo_step_is_pending():
     assert "pending" in cc.format_table(reports, cc.DEVICE_MEMORY).splitlines()[-1]
 
 
-def test_presets_and_parsing():
+def test_presets_and_parsing(tmp_path):
     llm = {name: sum(x.size for x in jax.tree_util.tree_leaves(cc.abstract_base(cc.model_preset(name))["llm"]))
            for name in ("7b", "13b")}
     assert llm == {"7b": 6_738_415_616, "13b": 13_015_864_320}  # Vicuna-7B / 13B parameter counts
@@ -108,13 +111,18 @@ def test_presets_and_parsing():
     assert cc.resolve_model("runs/sft_13b/model", "7b")[0] == cc.model_preset("7b")
     with pytest.raises(ValueError, match="--model"):
         cc.resolve_model("runs/unnamed/model", None)
+    ckpt = tmp_path / "sft_13b"  # an existing checkpoint's config.json wins over the name
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"format": FORMAT, "llava": cc.tiny_config().to_dict()}))
+    assert cc.resolve_model(str(ckpt), None)[0] == cc.tiny_config()
 
     assert cc.parse_bytes("16GiB") == 16 * 2**30 == cc.parse_bytes("16G") and cc.parse_bytes("80GB") == 80 * 10**9
     assert cc.parse_mesh("data=1,fsdp=8,tensor=1") == (1, 8, 1) == cc.parse_mesh("fsdp=8") == cc.parse_mesh("1,8,1")
     with pytest.raises(ValueError):
         cc.parse_mesh("pipeline=2")
     cfg = tiny_sft()
-    cc.apply_overrides(cfg, ["--config.model.remat=dots", "--config.train.grad_accum=4", "--config.log.tensorboard=false"])
+    cc.apply_overrides(cfg, ["--config.model.remat=dots", "--config.train.grad_accum=4",
+                             "--config.log.tensorboard=false"])
     assert (cfg.model.remat, cfg.train.grad_accum, cfg.log.tensorboard) == ("dots", 4, False)
     with pytest.raises(ValueError, match="no such field"):
         cc.apply_overrides(cfg, ["--config.model.nope=1"])

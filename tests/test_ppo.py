@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llava_jax.ppo_trainer import run_ppo
-from ppo_helpers import make_world, ppo_config
+from ppo_helpers import make_world, ppo_config, ppo_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("rollout_seconds", "score_seconds", "update_seconds", "step_seconds", "tokens_per_s")
@@ -28,19 +28,25 @@ def _metrics(workdir):
         return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
 
 
-def test_same_ppo_steps_on_one_device_and_on_8_device_meshes(world, tmp_path):
-    results = {}
-    for mesh in [(1, 1, 1), (2, 2, 2)]:  # every mesh axis split
-        workdir = tmp_path / "x".join(map(str, mesh))
-        run_ppo(ppo_config(workdir, *world, steps=2, mesh=mesh))
-        results[mesh] = _metrics(workdir)
-    reference = results[(1, 1, 1)]
-    assert len(reference) == 2 and reference[1]["approx_kl"] > 0  # the second rollout comes from an updated policy
-    for mesh, rows in results.items():
-        for row, ref in zip(rows, reference):
-            assert row.keys() == ref.keys()
-            for key in ref:
-                np.testing.assert_allclose(row[key], ref[key], rtol=1e-5, atol=1e-5, err_msg=f"{mesh} {key}")
+@pytest.fixture(scope="module")
+def reference_run(world, tmp_path_factory):
+    """5 PPO steps on one device, checkpointing every step (the baseline of two tests)."""
+    workdir = tmp_path_factory.mktemp("ppo_reference")
+    cfg = ppo_config(workdir, *world, steps=5, mesh=(1, 1, 1))
+    cfg.checkpoint.every = 1
+    run_ppo(cfg)
+    return _metrics(workdir)
+
+
+def test_same_ppo_steps_on_one_device_and_on_8_devices(world, reference_run, tmp_path):
+    workdir = tmp_path / "mesh"
+    run_ppo(ppo_config(workdir, *world, steps=2, mesh=(2, 2, 2)))  # every mesh axis split
+    rows = _metrics(workdir)
+    assert len(rows) == 2 and reference_run[1]["approx_kl"] > 0  # step 2 samples from an updated policy
+    for row, ref in zip(rows, reference_run):
+        assert row.keys() == ref.keys()
+        for key in ref:
+            np.testing.assert_allclose(row[key], ref[key], rtol=1e-5, atol=1e-5, err_msg=key)
 
 
 def test_length_penalty_alone_shortens_responses(world, tmp_path):
@@ -62,21 +68,14 @@ def test_length_penalty_alone_shortens_responses(world, tmp_path):
 
 
 def _cmd(workdir, world, steps):
-    base, reward = world
-    return [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config", os.path.join(ROOT, "configs", "tiny_ppo.py"),
-            f"--config.workdir={workdir}", f"--config.model.init={base}", f"--config.ppo.reward_adapter={reward}",
-            "--config.requires=", f"--config.train.max_steps={steps}", "--config.train.lora_rank=4",
-            "--config.ppo.rollout_batch=8", "--config.ppo.step_batch=4", "--config.ppo.response_len=12",
-            "--config.checkpoint.every=1", "--config.log.tensorboard=False", "--config.data.workers=0"]
+    settings = {**ppo_overrides(workdir, *world, steps=steps, mesh=(1, 1, 1)), "checkpoint.every": 1}
+    return [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config",
+            os.path.join(ROOT, "configs", "tiny_ppo.py")] + [f"--config.{k}={v}" for k, v in settings.items()]
 
 
-def test_sigkill_during_ppo_then_resume_reaches_the_same_metrics(world, tmp_path):
-    steps = 5
+def test_sigkill_during_ppo_then_resume_reaches_the_same_metrics(world, reference_run, tmp_path):
+    steps = len(reference_run)
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
-    reference = ppo_config(tmp_path / "full", *world, steps=steps)
-    reference.checkpoint.every = 1
-    run_ppo(reference)
-    full = _metrics(tmp_path / "full")
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(killed, world, steps), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -92,4 +91,4 @@ def test_sigkill_during_ppo_then_resume_reaches_the_same_metrics(world, tmp_path
     assert proc.returncode == -signal.SIGKILL
     assert 2 <= len(_metrics(killed)) < steps
     subprocess.run(_cmd(killed, world, steps), check=True, cwd=ROOT, env=env, capture_output=True)
-    assert _metrics(killed) == full  # bit-identical on CPU
+    assert _metrics(killed) == reference_run  # bit-identical on CPU

@@ -159,7 +159,7 @@ def test_sampler_under_a_mesh_with_sharded_weights_and_cache(world):
     assert sharded["llm"]["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec == \
         jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     batch = [jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)) for x in (ids, mask, pixels)]
-    with mesh, sharding.activation_rules():
+    with jax.set_mesh(mesh), sharding.activation_rules():  # set_mesh: flax sees the mesh (activation constraints)
         run = jax.jit(lambda p, i, m, x: generate(config, p, None, i, m, x, jax.random.PRNGKey(0), sampling))
         out = run(sharded, *batch)
     np.testing.assert_array_equal(np.asarray(out["tokens"]), single)

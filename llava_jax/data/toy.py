@@ -135,6 +135,17 @@ def _contradict(scene, rng: random.Random) -> str:
     return _describe(scene)
 
 
+def _other_objects(scene, rng: random.Random) -> str:
+    """The same layout with different objects: every shape/colour pair differs from the truth."""
+    out = []
+    for shape, color, place in scene:
+        new = (shape, color)
+        while new == (shape, color):
+            new = (rng.choice(SHAPES), rng.choice(list(COLORS)))
+        out.append((*new, place))
+    return _describe(out)
+
+
 def _preference(pid: str, name: str, scene, rng: random.Random, bad: str) -> dict:
     good = _describe(scene)
     preference = rng.choice((1, 2))
@@ -220,7 +231,7 @@ def build_world(seed: int = 0) -> dict:
                       "gt_answer": f"The {shape} in the {place} is {color}."})
     # More pairs, on images of their own (a separate stream: the records above stay as they were).
     pair_rng = random.Random(f"pairs-{seed}")
-    make_bad = _contradict if os.environ.get("TOY_BAD", "contradict") == "contradict" else _hallucinate
+    make_bad = {"contradict": _contradict, "old": _hallucinate, "other": _other_objects}[os.environ.get("TOY_BAD", "contradict")]
     for k in range(NUM_PAIR_IMAGES):
         name, scene = f"pair_{k:03d}.png", _scene(pair_rng)
         names.append(name)
@@ -236,7 +247,12 @@ def corpus(world: dict) -> list[str]:
     from llava_jax.data.templates import VICUNA_SYSTEM
 
     # The template words occur in every sequence: weight them so they become single tokens.
+    from llava_jax.reward_prompt import RewardPrompt
+
+    reward = RewardPrompt.from_file()  # the default reward-model wording: mostly whole-word tokens
+    rating = reward.user.replace("{facts}", reward.facts.replace("{captions}", "")) + " " + reward.assistant
     texts = [EXTRA_TEXT, string.ascii_letters + string.digits] + [VICUNA_SYSTEM + " USER: ASSISTANT:"] * 200
+    texts += [rating] * 100
     texts += [c for caps in world["captions"].values() for c in caps]
     for key in ("pretrain", "sft", "preference", "rl_prompts"):
         for record in world[key]:
