@@ -8,13 +8,14 @@ is made of forced host devices (`--xla_force_host_platform_device_count`), so th
 are XLA:CPU's buffer assignment for the real shardings: a close estimate of, not a
 guarantee for, what XLA:TPU / XLA:GPU will allocate (different fusions and layouts).
 
-Steps per stage (`STAGE_STEPS`) are built by `STEP_BUILDERS[name](ctx) -> Step`; a builder
-that raises NotImplementedError shows up as a "pending" row instead of stopping the check.
+Steps per stage (`STAGE_STEPS`) are built by `STEP_BUILDERS[name](ctx) -> Step`, each
+jitted exactly as the trainers jit it.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -317,15 +318,47 @@ def build_rollout(ctx: Context) -> Step:
 
 
 def build_ppo_step(ctx: Context) -> Step:
-    """Extension point for the PPO update, to wire to llava_jax/ppo.py as ppo_trainer.run_ppo
-    jits it: fn = jax.jit(partial(ppo.ppo_step, spec, hyper, optimizer, schedule),
-    in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, None),
-    donate_argnums=(0,)); args = (abstract TrainState over {policy, value, value_head},
-    abstract frozen {policy_base, (reward_base), ref, reward, reward_head}, an abstract
-    minibatch of ppo.step_batch rollouts); return Step("ppo_step", fn, args,
-    params=(state.params, frozen), opt=state.opt_state,
-    state_in_args=device_bytes((state.params, frozen, state.opt_state)))."""
-    raise NotImplementedError("ppo_step: pending llava_jax/ppo.py")
+    """The PPO update as ppo_trainer.run_ppo jits it (same spec, shardings, donation) on a
+    minibatch of ppo.step_batch rollouts split into ppo.grad_accum micro-batches; the roles'
+    trees are those `ppo_resident` lays out."""
+    from llava_jax import ppo, roles
+    from llava_jax.ppo_trainer import ppo_hyper, roles_logical
+    from llava_jax.train_state import create_state
+    from llava_jax.trainer import state_shardings
+
+    cfg, mesh, lcfg = ctx.cfg, ctx.mesh, lora_config(ctx.cfg)
+    policy_cfg, reward_cfg = ctx.config, ctx.reward_config or ctx.config
+    resident, _ = ppo_resident(ctx)
+    adapters, head_trees = resident["adapters"], resident["heads"]
+    spec = roles.PPOSpec(policy_cfg, lcfg, reward_cfg, lcfg, lcfg, ctx.reward_config is None,
+                         temperature=cfg.ppo.temperature)
+    params = {"policy": adapters["policy"], "value": adapters["value"], "value_head": head_trees["value"]}
+    frozen = {"policy_base": resident["policy_base"], "ref": adapters["ref_policy"], "reward": adapters["reward"],
+              "reward_head": head_trees["reward"]}
+    if "reward_base" in resident:
+        frozen["reward_base"] = resident["reward_base"]
+    optimizer, schedule = _optimizer(cfg)
+    state = jax.eval_shape(lambda p: create_state(p, optimizer, jax.random.PRNGKey(0)), params)
+    state_sh = state_shardings(policy_cfg, state, mesh, logical=roles_logical(spec, params))
+    frozen_sh = jax.tree_util.tree_map(lambda s: s.sharding, frozen)
+    state = with_shardings(state, state_sh)
+    fn = jax.jit(functools.partial(ppo.ppo_step, spec, ppo_hyper(cfg), optimizer, schedule),
+                 in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
+    s, n = cfg.ppo.step_batch, cfg.ppo.response_len
+    q = cfg.ppo.max_query_tokens - 1 + policy_cfg.num_image_tokens
+    feature_dtype = jnp.dtype(cfg.model.dtype)
+    arrays = {"query_ids": ((s, q), jnp.int32), "query_mask": ((s, q), jnp.int32), "response": ((s, n), jnp.int32),
+              "response_mask": ((s, n), jnp.bool_),
+              "policy_features": ((s, policy_cfg.num_image_tokens, policy_cfg.vision.hidden_size), feature_dtype)}
+    arrays.update({k: ((s, n), jnp.float32) for k in ("logprobs", "values", "advantages", "returns")})
+    if ctx.reward_config is not None:
+        qv = q - policy_cfg.num_image_tokens + reward_cfg.num_image_tokens
+        arrays.update(value_query_ids=((s, qv), jnp.int32), value_query_mask=((s, qv), jnp.int32),
+                      reward_features=((s, reward_cfg.num_image_tokens, reward_cfg.vision.hidden_size),
+                                       feature_dtype))
+    note = f"minibatch {s} rollouts x ({q} + {n}) tokens, grad_accum {cfg.ppo.grad_accum}"
+    return Step("ppo_step", fn, (state, frozen, _batch(mesh, arrays)), params=resident,
+                opt=state.opt_state, state_in_args=device_bytes((state.params, frozen, state.opt_state)), note=note)
 
 
 STEP_BUILDERS: dict[str, Callable[[Context], Step]] = {
@@ -338,8 +371,7 @@ STEP_BUILDERS: dict[str, Callable[[Context], Step]] = {
 
 @dataclasses.dataclass
 class StepReport:
-    """Per-device bytes of one compiled step (all zero with pending=True for a step whose
-    builder is not written yet; `note` says why)."""
+    """Per-device bytes of one compiled step."""
 
     name: str
     note: str = ""
@@ -349,14 +381,13 @@ class StepReport:
     temp: int = 0  # XLA temporaries: activations, gradients, caches, collectives' buffers
     compile_seconds: float = 0.0  # lower + compile
     memory: dict[str, int] = dataclasses.field(default_factory=dict)  # raw memory_analysis figures
-    pending: bool = False
 
     @property
     def total(self) -> int:
         return self.params + self.opt + self.io + self.temp
 
     def fits(self, device_memory: int) -> bool:
-        return not self.pending and self.total <= device_memory
+        return self.total <= device_memory
 
 
 def compile_step(step: Step, mesh: Mesh) -> StepReport:
@@ -397,12 +428,7 @@ def check(cfg: Any, mesh: Mesh, *, model: str | None = None, reward_model: str |
     for name in steps or STAGE_STEPS[cfg.stage]:
         if name not in STEP_BUILDERS:
             raise ValueError(f"unknown step {name!r}; expected one of {sorted(STEP_BUILDERS)}")
-        try:
-            step = STEP_BUILDERS[name](ctx)
-        except NotImplementedError as e:
-            reports.append(StepReport(name, str(e), pending=True))
-            log(str(e))
-            continue
+        step = STEP_BUILDERS[name](ctx)
         log(f"{name}: compiling ({step.note}) ...")
         reports.append(compile_step(step, mesh))
         log(f"{name}: compiled in {reports[-1].compile_seconds:.1f}s, {reports[-1].total / GiB:.3f} GiB per device")
@@ -417,10 +443,7 @@ def format_table(reports: list[StepReport], memories: dict[str, int]) -> str:
     cols += [f"{n} ({size / GiB:g} GiB)" if n in DEVICE_MEMORY else f"fits {n}" for n, size in memories.items()]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in reports:
-        if r.pending:
-            cells = [r.name] + ["-"] * 6 + ["pending"] * len(memories)
-        else:
-            cells = [r.name] + [f"{v / unit:.2f}" for v in (r.params, r.opt, r.io, r.temp, r.total)]
-            cells += [f"{r.compile_seconds:.1f}"] + ["yes" if r.fits(m) else "NO" for m in memories.values()]
+        cells = [r.name] + [f"{v / unit:.2f}" for v in (r.params, r.opt, r.io, r.temp, r.total)]
+        cells += [f"{r.compile_seconds:.1f}"] + ["yes" if r.fits(m) else "NO" for m in memories.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

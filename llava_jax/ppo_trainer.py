@@ -54,6 +54,13 @@ def validate_ppo(cfg: Any) -> None:
     ppo.PPOHyper(kl_estimator=p.kl_estimator)
 
 
+def ppo_hyper(cfg: Any) -> ppo.PPOHyper:
+    p = cfg.ppo
+    return ppo.PPOHyper(clip=p.clip, value_clip=p.value_clip, vf_coef=p.vf_coef, gamma=p.gamma, lam=p.lam,
+                        kl_estimator=p.kl_estimator, reward_scale=p.reward_scale, whiten_rewards=p.whiten_rewards,
+                        grad_accum=p.grad_accum)
+
+
 def load_roles(cfg: Any) -> tuple[roles.PPOSpec, dict, dict]:
     """(spec, trainable params, frozen trees): the four roles over one or two bases."""
     from llava_jax.convert import load_adapter_dir, load_checkpoint
@@ -153,9 +160,7 @@ def run_ppo(cfg: Any) -> dict:
     updates_per_step = p.ppo_epochs * (p.rollout_batch // p.step_batch)
     optimizer, schedule = make_optimizer(OptimConfig(**{k: cfg.optim[k] for k in cfg.optim.keys()}),
                                          steps * updates_per_step)
-    hyper = ppo.PPOHyper(clip=p.clip, value_clip=p.value_clip, vf_coef=p.vf_coef, gamma=p.gamma, lam=p.lam,
-                         kl_estimator=p.kl_estimator, reward_scale=p.reward_scale, whiten_rewards=p.whiten_rewards,
-                         grad_accum=p.grad_accum)
+    hyper = ppo_hyper(cfg)
     sampling = SamplingConfig(max_new_tokens=p.response_len, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, cache_dtype=p.cache_dtype)
     weights = fact_reward.RewardWeights(p.rm_weight, p.correct_bonus, p.length_bonus, p.no_stop_penalty)
