@@ -29,3 +29,15 @@ def test_pope_scores_hand_counted():
     assert degenerate["precision"] == 0.0 and degenerate["f1"] == 0.0 and degenerate["accuracy"] == pytest.approx(1 / 3)
     by = pope_by_category([("random", "Yes", "yes"), ("adversarial", "Yes", "no")])
     assert by["random"]["accuracy"] == 1.0 and by["adversarial"]["accuracy"] == 0.0 and by["all"]["n"] == 2
+
+
+def test_toy_hallucination_judge():
+    from llava_jax.data.toy_judge import hallucinates, hallucination_rate, scene_objects
+
+    objects = scene_objects(["There is a blue triangle in the top right and a red square in the bottom right."])
+    assert objects == {("blue", "triangle"), ("red", "square")}
+    assert not hallucinates("A blue triangle and a red square.", objects)
+    assert hallucinates("A red triangle.", objects)  # wrong colour
+    assert hallucinates("There is a circle.", objects)  # absent shape
+    assert not hallucinates("No, there is no green cross.", objects)  # a denial is not a claim
+    assert hallucination_rate(["A red circle.", "A red square."], [["a red square"]] * 2) == 0.5

@@ -146,6 +146,13 @@ def _other_objects(scene, rng: random.Random) -> str:
     return _describe(out)
 
 
+def _absent_objects(scene, rng: random.Random) -> str:
+    """The same layout, every object named with a colour or a shape the image does not have."""
+    colors, shapes = {o[1] for o in scene}, {o[0] for o in scene}
+    options = [(s, c) for s in SHAPES for c in COLORS if s not in shapes or c not in colors]
+    return _describe([(*rng.choice(options), place) for _, _, place in scene])
+
+
 def _preference(pid: str, name: str, scene, rng: random.Random, bad: str) -> dict:
     good = _describe(scene)
     preference = rng.choice((1, 2))
@@ -231,7 +238,7 @@ def build_world(seed: int = 0) -> dict:
                       "gt_answer": f"The {shape} in the {place} is {color}."})
     # More pairs, on images of their own (a separate stream: the records above stay as they were).
     pair_rng = random.Random(f"pairs-{seed}")
-    make_bad = {"contradict": _contradict, "old": _hallucinate, "other": _other_objects}[os.environ.get("TOY_BAD", "contradict")]
+    make_bad = {"contradict": _contradict, "old": _hallucinate, "other": _other_objects, "absent": _absent_objects}[os.environ.get("TOY_BAD", "contradict")]
     for k in range(NUM_PAIR_IMAGES):
         name, scene = f"pair_{k:03d}.png", _scene(pair_rng)
         names.append(name)
@@ -253,9 +260,11 @@ def corpus(world: dict) -> list[str]:
     rating = reward.user.replace("{facts}", reward.facts.replace("{captions}", "")) + " " + reward.assistant
     texts = [EXTRA_TEXT, string.ascii_letters + string.digits] + [VICUNA_SYSTEM + " USER: ASSISTANT:"] * 200
     texts += [rating] * 100
-    texts += [c for caps in world["captions"].values() for c in caps]
+    texts += [c for name, caps in world["captions"].items() for c in caps if not name.startswith("pair_")]
     for key in ("pretrain", "sft", "preference", "rl_prompts"):
         for record in world[key]:
+            if record["id"].startswith("pair_"):
+                continue
             texts += [t["value"] for t in record["conversations"]]
             texts += [record[k]["value"] for k in ("output_1", "output_2") if k in record]
     texts += [q["text"] for q in world["questions"] + world["pope"]]

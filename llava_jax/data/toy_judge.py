@@ -1,0 +1,37 @@
+"""An offline hallucination judge for the toy "shapes" world (our stand-in for MMHal-Bench's
+GPT-4 judge, which needs a network): the world is fully described by its captions, so an
+answer hallucinates when it names a coloured shape, or a shape, that the image lacks.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+from llava_jax.data.toy import COLORS, SHAPES
+
+_PAIR = re.compile(r"\b(" + "|".join(COLORS) + r")\s+(" + "|".join(SHAPES) + r")s?\b")
+_SHAPE = re.compile(r"\b(" + "|".join(SHAPES) + r")s?\b")
+
+
+def scene_objects(captions: Iterable[str]) -> set[tuple[str, str]]:
+    """(colour, shape) pairs the captions mention: the image's objects."""
+    return {(m.group(1), m.group(2)) for caption in captions for m in _PAIR.finditer(caption.lower())}
+
+
+def _negated(text: str, start: int) -> bool:
+    """"no blue cross", "not a red square": a denial, not a claim."""
+    return bool({"no", "not", "without"} & set(text[:start].split()[-3:]))
+
+
+def hallucinates(answer: str, objects: set[tuple[str, str]]) -> bool:
+    """True when the answer claims a coloured shape or a shape that is not in the image."""
+    text = answer.lower()
+    shapes = {shape for _, shape in objects}
+    if any((m.group(1), m.group(2)) not in objects and not _negated(text, m.start()) for m in _PAIR.finditer(text)):
+        return True
+    return any(m.group(1) not in shapes and not _negated(text, m.start()) for m in _SHAPE.finditer(text))
+
+
+def hallucination_rate(answers: Iterable[str], captions_per_answer: Iterable[Iterable[str]]) -> float:
+    flags = [hallucinates(a, scene_objects(c)) for a, c in zip(answers, captions_per_answer)]
+    return sum(flags) / max(len(flags), 1)
