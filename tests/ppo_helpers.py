@@ -1,40 +1,26 @@
-"""A tiny PPO world for tests: a briefly SFT-ed tiny LLaVA (the shared base) and a random
-reward adapter + head over it (the "reward model")."""
+"""A tiny PPO world for tests: a briefly SFT-ed tiny LLaVA (the shared base) and a briefly
+trained toy reward model over it (LoRA + reward head)."""
 import os
 
-import jax
-
 from configs.tiny_ppo import get_config as tiny_ppo
-from llava_jax import heads, lora as lora_lib
-from llava_jax.convert.ckpt import write_adapter_dir
 
 
-def make_world(root: str, sft_steps: int = 30, seed: int = 0) -> tuple[str, str]:
-    """(base checkpoint dir, reward adapter dir) under `root`: a short tiny_sft run (the
-    policy must have learnt to stop for a length penalty to act on) and a random LoRA +
-    reward head over it as the reward model."""
+def make_world(root: str, sft_steps: int = 30, rm_steps: int = 30) -> tuple[str, str]:
+    """(base checkpoint dir, reward adapter dir) under `root`: short tiny_sft and tiny_rm runs
+    (the policy must have learnt to stop for a length penalty to act on; the RM reaches
+    ~0.8 held-out accuracy on the toy pairs in 30 steps)."""
+    from configs.tiny_rm import get_config as tiny_rm
     from configs.tiny_sft import get_config as tiny_sft
-    from llava_jax.convert import load_checkpoint
     from llava_jax.trainer import run
 
-    sft = tiny_sft()
-    sft.workdir = os.path.join(root, "sft")
-    sft.train.max_steps = sft_steps
-    sft.log.tensorboard = False
-    sft.data.workers = 0
-    sft.data.num_buckets = 1
-    run(sft)
-    base_dir = os.path.join(sft.workdir, "model")
-    _, base = load_checkpoint(base_dir)
-    lcfg = lora_lib.LoraConfig(rank=4, alpha=8.0)
-    adapter = lora_lib.init_adapter(base, lcfg, jax.random.PRNGKey(seed + 1))
-    keys = iter(jax.random.split(jax.random.PRNGKey(seed + 2), 64))
-    params = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), adapter.params)
-    head = heads.init_head("reward", base["llm"]["norm"]["scale"].shape[0], jax.random.PRNGKey(seed + 3))
-    head["kernel"] = head["kernel"] * 20.0  # scores spread over a few units, like a trained RM's
-    reward_dir = os.path.join(root, "reward_adapter")
-    write_adapter_dir(reward_dir, lora_lib.Adapter(params, lcfg), head, "reward")
-    return base_dir, reward_dir
+    for name, make, steps in (("sft", tiny_sft, sft_steps), ("rm", tiny_rm, rm_steps)):
+        cfg = make()
+        cfg.requires, cfg.workdir, cfg.train.max_steps = "", os.path.join(root, name), steps
+        cfg.log.tensorboard, cfg.data.workers, cfg.data.num_buckets = False, 0, 1
+        if name == "rm":
+            cfg.model.init = os.path.join(root, "sft", "model")
+        run(cfg)
+    return os.path.join(root, "sft", "model"), os.path.join(root, "rm", "adapter")
 
 
 def ppo_overrides(workdir: str, base_dir: str, reward_dir: str, steps: int, mesh=(1, -1, 1)) -> dict:

@@ -53,18 +53,31 @@ def test_length_penalty_alone_shortens_responses(world, tmp_path):
     cfg = ppo_config(tmp_path / "length", *world, steps=12)
     cfg.ppo.rollout_batch, cfg.ppo.step_batch = 16, 8
     cfg.ppo.rm_weight = cfg.ppo.correct_bonus = cfg.ppo.no_stop_penalty = 0.0
+    cfg.ppo.export_merged = True
     run_ppo(cfg)
     rows = _metrics(cfg.workdir)
     lengths = [r["response_length"] for r in rows]
     assert all(r["rm_score"] == 0 and r["no_stop_penalty"] == 0 for r in rows)
     assert np.mean(lengths[-4:]) < np.mean(lengths[:2]) - 1.5, lengths
     assert max(r["kl"] for r in rows) < 10.0  # the KL penalty keeps the policy near the reference
-    for name in ("adapter", "peft_adapter", "value_adapter", "metrics.png"):
+    for name in ("adapter", "peft_adapter", "value_adapter", "metrics.png", "hf_merged/config.json"):
         assert os.path.exists(os.path.join(cfg.workdir, name)), name
     with open(os.path.join(cfg.workdir, "peft_adapter", "adapter_config.json")) as f:
         assert json.load(f)["r"] == 4
     samples = [json.loads(line) for line in open(os.path.join(cfg.workdir, "rollouts", "step_000012.jsonl"))]
     assert len(samples) == 16 and "reward_input" in samples[0]
+
+
+def test_toy_reward_model_score_rises_with_bounded_kl(world, tmp_path):
+    cfg = ppo_config(tmp_path / "rm", *world, steps=10)
+    cfg.ppo.rollout_batch, cfg.ppo.step_batch = 16, 8
+    cfg.ppo.length_bonus = cfg.ppo.correct_bonus = cfg.ppo.no_stop_penalty = 0.0  # the RM alone
+    run_ppo(cfg)
+    rows = _metrics(cfg.workdir)
+    scores = [r["rm_score"] for r in rows]
+    assert np.mean(scores[-4:]) > np.mean(scores[:2]) + 0.5, scores
+    assert all(r["score_total"] == r["rm_score"] for r in rows)
+    assert max(r["kl"] for r in rows) < 10.0, [r["kl"] for r in rows]
 
 
 def _cmd(workdir, world, steps):
