@@ -1,5 +1,6 @@
 """Test-wide setup: 8 forced CPU devices (for sharding tests) and float32 matmuls."""
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -10,3 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Many tests run the same step with the same shapes in new jit closures (each driver run,
+# each subprocess): a per-session persistent compilation cache compiles each program once.
+_CACHE = tempfile.mkdtemp(prefix="llava_jax_xla_cache_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE  # inherited by the tests' subprocesses
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -91,8 +91,8 @@ def test_sigkill_during_ppo_then_resume_reaches_the_same_metrics(world, referenc
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(killed, world, steps), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(_cmd(killed, world, steps), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     metrics = killed / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -101,7 +101,10 @@ def test_sigkill_during_ppo_then_resume_reaches_the_same_metrics(world, referenc
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert 2 <= len(_metrics(killed)) < steps
-    subprocess.run(_cmd(killed, world, steps), check=True, cwd=ROOT, env=env, capture_output=True)
+    log.close()
+    tail = (tmp_path / "killed.log").read_text()[-3000:]
+    assert proc.returncode == -signal.SIGKILL, tail
+    assert 2 <= len(_metrics(killed)) < steps, tail
+    resumed = subprocess.run(_cmd(killed, world, steps), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _metrics(killed) == reference_run  # bit-identical on CPU
