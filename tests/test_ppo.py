@@ -108,3 +108,32 @@ def test_sigkill_during_ppo_then_resume_reaches_the_same_metrics(world, referenc
     resumed = subprocess.run(_cmd(killed, world, steps), cwd=ROOT, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _metrics(killed) == reference_run  # bit-identical on CPU
+
+
+def test_value_and_reward_on_a_second_base_with_its_own_tower(world, tmp_path):
+    """The 7B recipe's layout: policy/ref over one base, value/reward over another whose
+    vision tower sees 84 px images (36 patches where the policy reads 16)."""
+    import dataclasses
+
+    import jax
+
+    from llava_jax import heads, lora as lora_lib
+    from llava_jax.convert import save_checkpoint
+    from llava_jax.convert.ckpt import write_adapter_dir
+    from llava_jax.models.llava import init_params, tiny_config
+
+    small = tiny_config()
+    config = dataclasses.replace(small, vision=dataclasses.replace(small.vision, image_size=84),
+                                 text=dataclasses.replace(small.text, hidden_size=96, num_layers=3))
+    assert config.num_image_tokens == 36
+    base = jax.device_get(init_params(config, jax.random.PRNGKey(5)))
+    save_checkpoint(str(tmp_path / "reward_base"), config, base)
+    adapter = lora_lib.init_adapter(base, lora_lib.LoraConfig(rank=4, alpha=8.0), jax.random.PRNGKey(6))
+    write_adapter_dir(str(tmp_path / "reward_adapter"), adapter,
+                      heads.init_head("reward", config.text.hidden_size, jax.random.PRNGKey(7)), "reward")
+    cfg = ppo_config(tmp_path / "two_bases", world[0], str(tmp_path / "reward_adapter"), steps=2)
+    cfg.ppo.reward_base = str(tmp_path / "reward_base")
+    run_ppo(cfg)
+    rows = _metrics(cfg.workdir)
+    assert len(rows) == 2 and all(np.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+    assert rows[0]["rm_score"] != 0 and rows[1]["value_mean"] != 0  # the value head trained on the second base
