@@ -103,6 +103,7 @@ def test_reward_model_stage_runs_and_exports_its_adapter(tmp_path):
     os.chdir(ROOT)
     cfg = tiny_rm()
     cfg.workdir = str(tmp_path / "rm")
+    cfg.model.init, cfg.requires = "tiny", ""  # the stage's mechanics; no SFT run needed
     cfg.train.max_steps = 2
     cfg.rm.eval_every = 2
     cfg.log.tensorboard = False

@@ -30,8 +30,6 @@ from PIL import Image, ImageDraw
 
 TOY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data", "toy")
 IMAGE_SIZE, NUM_IMAGES, NUM_EVAL = 56, 96, 16
-NUM_PAIR_IMAGES = 400  # images "pair_XXX.png" of the preference pairs (one pair each)
-NUM_EXTRA_SFT = 320  # images "extra_XXX.png" with one SFT description each (grounding on more scenes)
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 119, 180), "yellow": (230, 200, 30)}
 PLACES = ("top left", "top right", "bottom left", "bottom right")
@@ -100,8 +98,7 @@ def _absent(scene, rng: random.Random) -> tuple[str, str]:
 
 
 def _hallucinate(scene, rng: random.Random) -> str:
-    """A description with one wrong colour, or with an extra shape that is not there (the
-    first release's rejected answers; now only drawn to keep the other records as they were)."""
+    """A description with one wrong colour, or with an extra shape that is not there."""
     scene = list(scene)
     free = [p for p in PLACES if p not in {o[2] for o in scene}]
     if free and rng.random() < 0.5:
@@ -113,23 +110,6 @@ def _hallucinate(scene, rng: random.Random) -> str:
         wrong = rng.choice([c for c in COLORS if c != scene[k][1]])
         scene[k] = (scene[k][0], wrong, scene[k][2])
     return _describe(scene)
-
-
-def _absent_objects(scene, rng: random.Random) -> str:
-    """A hallucinated description: the true layout, but every object named with a colour or a
-    shape that is nowhere in the image (so nowhere in its captions)."""
-    colors, shapes = {o[1] for o in scene}, {o[0] for o in scene}
-    options = [(s, c) for s in SHAPES for c in COLORS if s not in shapes or c not in colors]
-    return _describe([(*rng.choice(options), place) for _, _, place in scene])
-
-
-def _preference(pid: str, name: str, scene, rng: random.Random, bad: str) -> dict:
-    good = _describe(scene)
-    preference = rng.choice((1, 2))
-    outputs = (good, bad) if preference == 1 else (bad, good)
-    return {"id": pid, "image": name, "conversations": _conv(f"<image>\n{rng.choice(DESCRIBE)}", ""),
-            "output_1": {"from": "gpt", "value": outputs[0]}, "output_2": {"from": "gpt", "value": outputs[1]},
-            "preference": preference, "hallucination": True}
 
 
 def _conv(*pairs: str) -> list[dict]:
@@ -167,9 +147,13 @@ def build_world(seed: int = 0) -> dict:
             f"What color is the {shape}?\n<image>", f"The {shape} is {color}.",
             f"Where is the {shape}?", f"It is in the {place} of the image.",
             "How many shapes are there?", f"There {'is' if len(scene) == 1 else 'are'} {NUMBERS[len(scene)]}.")})
-        # The first release drew a preference pair on each training image here; the draws stay
-        # so that every record after them keeps its content (the pairs have their own images).
-        _hallucinate(scene, rng), rng.choice((1, 2)), rng.choice(DESCRIBE)
+        good, bad = _describe(scene), _hallucinate(scene, rng)
+        preference = rng.choice((1, 2))
+        outputs = (good, bad) if preference == 1 else (bad, good)
+        pref.append({"id": f"pref_{i}", "image": name,
+                     "conversations": _conv(f"<image>\n{rng.choice(DESCRIBE)}", ""),
+                     "output_1": {"from": "gpt", "value": outputs[0]}, "output_2": {"from": "gpt", "value": outputs[1]},
+                     "preference": preference, "hallucination": True})
         kind = i % 3
         if kind == 0:
             rl.append({"id": f"rl_{i}", "image": name, "caption_type": 1, "length_bonus": 1.0,
@@ -208,25 +192,6 @@ def build_world(seed: int = 0) -> dict:
                       "image_path": name, "image_content": [o[0] for o in scene],
                       "question": f"What color is the {shape} in the {place}?",
                       "gt_answer": f"The {shape} in the {place} is {color}."})
-    # Preference pairs on images of their own, from their own stream: no pair shares an image
-    # with another pair or with SFT, so a held-out pair is a new scene for the reward model.
-    pair_rng = random.Random(f"pairs-{seed}")
-    for k in range(NUM_PAIR_IMAGES):
-        name, scene = f"pair_{k:03d}.png", _scene(pair_rng)
-        names.append(name)
-        scenes.append(scene)
-        captions[name] = _captions(scene)
-        pref.append(_preference(f"pair_{k}", name, scene, pair_rng, _absent_objects(scene, pair_rng)))
-    # More SFT scenes, also from their own stream: a description each. Eighty images teach the
-    # tiny model to recite them; a few hundred more teach it to see colours and shapes in
-    # scenes it has not met, which the reward model then builds on.
-    sft_rng = random.Random(f"sft-{seed}")
-    for k in range(NUM_EXTRA_SFT):
-        name, scene = f"extra_{k:03d}.png", _scene(sft_rng)
-        names.append(name)
-        scenes.append(scene)
-        sft.append({"id": f"extra_{k}_d", "image": name,
-                    "conversations": _conv(f"<image>\n{sft_rng.choice(DESCRIBE)}", _describe(scene))})
     return {"scenes": dict(zip(names, scenes)), "captions": captions, "pretrain": pretrain, "sft": sft,
             "preference": pref, "rl_prompts": rl, "questions": questions, "pope": pope, "mmhal": mmhal}
 
@@ -234,14 +199,9 @@ def build_world(seed: int = 0) -> dict:
 def corpus(world: dict) -> list[str]:
     """Every text of the world (plus template and reward-prompt words): the tokenizer corpus."""
     from llava_jax.data.templates import VICUNA_SYSTEM
-    from llava_jax.reward_prompt import RewardPrompt
 
-    # The template and the default reward-model wording occur in every sequence of their
-    # stages: weight them so they become (mostly) whole-word tokens and sequences stay short.
-    reward = RewardPrompt.from_file()
-    rating = reward.user.replace("{facts}", reward.facts.replace("{captions}", "")) + " " + reward.assistant
+    # The template words occur in every sequence: weight them so they become single tokens.
     texts = [EXTRA_TEXT, string.ascii_letters + string.digits] + [VICUNA_SYSTEM + " USER: ASSISTANT:"] * 200
-    texts += [rating] * 100
     texts += [c for caps in world["captions"].values() for c in caps]
     for key in ("pretrain", "sft", "preference", "rl_prompts"):
         for record in world[key]:
