@@ -107,7 +107,7 @@ def model_preset(name: str) -> LlavaConfig:
 def resolve_model(init: str, preset: str | None) -> tuple[LlavaConfig, str]:
     """(architecture, where it came from): the preset when named, the tiny model for
     'tiny', `init/config.json` when that checkpoint exists, else a preset guessed from the
-    path (`runs/sft_13b/model` -> 13b); the source is printed so a wrong guess is visible."""
+    path (`runs/sft_13b/model` -> 13b, `runs/tiny_sft/model` -> tiny); the source is printed so a wrong guess is visible."""
     if preset:
         return model_preset(preset), f"preset {preset}"
     if init == "tiny":
@@ -116,7 +116,7 @@ def resolve_model(init: str, preset: str | None) -> tuple[LlavaConfig, str]:
         from llava_jax.convert.ckpt import load_config
 
         return load_config(init), f"{init}/config.json"
-    guess = re.search(r"(?<![0-9])(7|13)b", init.lower())
+    guess = re.search(r"(?<![0-9])(7|13)b|tiny", init.lower())  # runs/tiny_sft/model: the tiny model
     if guess:
         return model_preset(guess.group(0)), f"preset {guess.group(0)} (no {init}/config.json; guessed from its path)"
     raise ValueError(f"no {init}/config.json and no size in its name: pass --model {'|'.join(MODEL_PRESETS)}")
