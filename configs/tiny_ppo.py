@@ -29,7 +29,7 @@ def get_config():
     c.ppo.rollout_batch = 16
     c.ppo.step_batch = 8
     c.ppo.ppo_epochs = 2
-    c.ppo.max_query_tokens = 64
+    c.ppo.max_query_tokens = 72  # the multiple-choice prompts take 66 tokens
     c.ppo.response_len = 32
     c.ppo.cache_dtype = "float32"
     c.checkpoint.every = 5

@@ -1,8 +1,10 @@
 """python scripts/train.py --config configs/tiny_rm.py
 
-Fact-augmented LoRA reward model on the toy "shapes" preference pairs (the rejected answer
-names a wrong colour or an absent shape), over the tiny SFT model (run first when
-runs/tiny_sft has no model), so tiny_ppo's four roles share one base."""
+Fact-augmented LoRA reward model on the toy "shapes" preference pairs (the true description
+against one that names, for every shape, a colour or a shape that is not in the image; each
+pair on an image of its own), over the tiny SFT model (run first when runs/tiny_sft has no
+model), so tiny_ppo's four roles share one base. 64 pairs are held out; ~0.97 held-out
+accuracy after 126 steps, about a minute on a CPU after tiny_sft."""
 from configs.common import base_config
 
 
@@ -13,19 +15,19 @@ def get_config():
     c.workdir = "runs/tiny_rm"
     c.model.init = "runs/tiny_sft/model"
     c.train.trainable = "lora"
-    c.train.lora_rank = 8
-    c.train.lora_alpha = 16.0
+    c.train.lora_rank = 32
+    c.train.lora_alpha = 64.0
     c.train.batch_size = 16
-    c.train.num_epochs = 8.0
-    c.optim.learning_rate = 2e-3
-    c.optim.schedule = "constant"
-    c.optim.warmup_steps = 5
+    c.train.num_epochs = 6.0  # 336 training pairs: 126 steps
+    c.optim.learning_rate = 1e-3
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 10
     c.data.train = "data/toy/preference.json"
     c.data.image_folder = "data/toy/images"
     c.data.captions = "data/toy/captions.json"
     c.data.tokenizer = "data/toy/tokenizer"
-    c.data.max_length = 448  # the rating prompt with five captions takes ~410 tokens
-    c.data.eval_size = 16
-    c.rm.eval_every = 10
-    c.checkpoint.every = 20
+    c.data.max_length = 272  # the rating prompt with five captions: at most 263 tokens
+    c.data.eval_size = 64
+    c.rm.eval_every = 21
+    c.checkpoint.every = 21
     return c

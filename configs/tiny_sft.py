@@ -1,6 +1,9 @@
 """python scripts/train.py --config configs/tiny_sft.py
 
-SFT of the embedded tiny LLaVA on the bundled toy "shapes" world: a few minutes on a CPU."""
+SFT of the embedded tiny LLaVA on the bundled toy "shapes" world: under a minute on a CPU.
+16 epochs over 484 conversations on 400 images (480 steps): the model learns to name the
+colours and shapes of scenes it has not seen (~99% / ~90% of the next-token guesses), the
+base that tiny_rm and tiny_ppo start from."""
 from configs.common import base_config
 
 
@@ -11,12 +14,12 @@ def get_config():
     c.model.init = "tiny"
     c.train.trainable = "projector+llm"
     c.train.batch_size = 16
-    c.train.num_epochs = 3.0
+    c.train.num_epochs = 16.0
     c.optim.learning_rate = 3e-3
     c.optim.warmup_ratio = 0.05
     c.data.train = "data/toy/sft.json"
     c.data.image_folder = "data/toy/images"
     c.data.tokenizer = "data/toy/tokenizer"
-    c.data.max_length = 128
-    c.checkpoint.every = 10
+    c.data.max_length = 96  # the longest toy conversation (3 turns) takes 92 tokens
+    c.checkpoint.every = 100
     return c

@@ -5,18 +5,20 @@ import os
 from configs.tiny_ppo import get_config as tiny_ppo
 
 
-def make_world(root: str, sft_steps: int = 30, rm_steps: int = 30) -> tuple[str, str]:
-    """(base checkpoint dir, reward adapter dir) under `root`: short tiny_sft and tiny_rm runs
-    (the policy must have learnt to stop for a length penalty to act on; the RM reaches
-    ~0.8 held-out accuracy on the toy pairs in 30 steps)."""
+def make_world(root: str, sft_steps: int | None = None, rm_steps: int | None = None) -> tuple[str, str]:
+    """(base checkpoint dir, reward adapter dir) under `root`: the README's chain, tiny_sft
+    then tiny_rm over it, as configured (the RM reaches ~0.97 held-out accuracy), unless
+    `sft_steps` / `rm_steps` cut the runs short."""
     from configs.tiny_rm import get_config as tiny_rm
     from configs.tiny_sft import get_config as tiny_sft
     from llava_jax.trainer import run
 
     for name, make, steps in (("sft", tiny_sft, sft_steps), ("rm", tiny_rm, rm_steps)):
         cfg = make()
-        cfg.requires, cfg.workdir, cfg.train.max_steps = "", os.path.join(root, name), steps
-        cfg.log.tensorboard, cfg.data.workers, cfg.data.num_buckets = False, 0, 1
+        cfg.requires, cfg.workdir = "", os.path.join(root, name)
+        if steps is not None:
+            cfg.train.max_steps = steps
+        cfg.log.tensorboard, cfg.data.workers, cfg.data.num_buckets = False, 0, 1  # one shape, one compile
         if name == "rm":
             cfg.model.init = os.path.join(root, "sft", "model")
         run(cfg)

@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 
 from llava_jax.data import (EvalDataset, Loader, PreferenceDataset, RLPromptDataset, SFTDataset, load_captions,
                             load_tokenizer, vision_kwargs)
-from llava_jax.data.toy import TOY_DIR, build_world, corpus, write_toy_world
+from llava_jax.data.toy import (NUM_EXTRA_SFT, NUM_IMAGES, NUM_PAIR_IMAGES, TOY_DIR, build_world, corpus,
+                                write_toy_world)
 from llava_jax.models.llava import Llava, init_params, tiny_config
 
 IMAGES = os.path.join(TOY_DIR, "images")
@@ -40,7 +41,8 @@ def test_bundle_is_what_the_generator_writes(tmp_path):
 def test_bundle_is_small():
     size = sum(os.path.getsize(os.path.join(TOY_DIR, f)) for f in files(TOY_DIR))
     assert size < 1_000_000, size
-    assert len([f for f in files(TOY_DIR) if f.endswith(".png")]) == 96
+    images = [f for f in files(TOY_DIR) if f.endswith(".png")]
+    assert len(images) == NUM_IMAGES + NUM_PAIR_IMAGES + NUM_EXTRA_SFT == 816
 
 
 def test_tokenizer_fits_the_tiny_model():

@@ -95,22 +95,21 @@ def test_bad_config_fails_before_device_work(tmp_path):
     assert result.returncode != 0 and "no_such_knob" in result.stderr
 
 
-def test_reward_model_stage_runs_and_exports_its_adapter(tmp_path):
-    """tiny_rm end to end for a few steps: held-out eval logged, adapter + reward head exported."""
+def test_tiny_rm_reaches_90_percent_held_out_accuracy(toy_world):
+    """tiny_rm as configured, over the tiny SFT model it requires: held-out pairs (new scenes
+    whose rejected answer names colours and shapes not in the image) ranked right >= 90%;
+    the adapter + reward head exported. tiny_sft lowered its loss on the way."""
     from configs.tiny_rm import get_config as tiny_rm
     from llava_jax.convert.ckpt import ADAPTER_FORMAT
 
-    os.chdir(ROOT)
+    sft_model, rm_adapter = toy_world
+    sft_losses = _losses(os.path.dirname(sft_model))
+    assert np.mean(sft_losses[-10:]) < 0.2 * sft_losses[0], (sft_losses[0], sft_losses[-10:])
+    with open(os.path.join(os.path.dirname(rm_adapter), "metrics.jsonl")) as f:
+        evals = [row for row in map(json.loads, f) if "eval_accuracy" in row]
     cfg = tiny_rm()
-    cfg.workdir = str(tmp_path / "rm")
-    cfg.model.init, cfg.requires = "tiny", ""  # the stage's mechanics; no SFT run needed
-    cfg.train.max_steps = 2
-    cfg.rm.eval_every = 2
-    cfg.log.tensorboard = False
-    cfg.data.workers = 0
-    cfg.data.num_buckets = 1
-    last = run(cfg)
-    assert last["step"] == 2 and 0.0 <= last["eval_accuracy"] <= 1.0 and last["eval_pairs"] == 16
-    meta = json.load(open(tmp_path / "rm" / "adapter" / "adapter.json"))
-    assert meta["format"] == ADAPTER_FORMAT and meta["head"] == "reward" and meta["lora"]["rank"] == 8
-    assert os.path.isdir(tmp_path / "rm" / "adapter" / "head")
+    assert evals[-1]["eval_pairs"] == cfg.data.eval_size == 64
+    assert evals[-1]["eval_accuracy"] >= 0.9, [(r["step"], r["eval_accuracy"]) for r in evals]
+    meta = json.load(open(os.path.join(rm_adapter, "adapter.json")))
+    assert meta["format"] == ADAPTER_FORMAT and meta["head"] == "reward" and meta["lora"]["rank"] == cfg.train.lora_rank
+    assert os.path.isdir(os.path.join(rm_adapter, "head"))

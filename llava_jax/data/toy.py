@@ -2,13 +2,17 @@
 
 Images (56x56 PNG) hold one to three coloured shapes, each in its own quadrant. Because the
 ground truth is known, every stage has data with no downloads, and hallucination is
-measurable: the preference pairs' rejected answers name a wrong colour or an absent
-shape, and the POPE-style eval asks about present and absent shapes.
+measurable: the preference pairs' rejected answers rename every shape with a colour or a
+shape that is nowhere in the image, and the POPE-style eval asks about present and absent
+shapes.
 
 `write_toy_world(out_dir)` (run by `tools/make_toy_data.py`) writes, deterministically:
 
   images/shapes_XXX.png   96 images (the last 16 are held out for evaluation)
-  captions.json           image -> ground-truth captions; "aok_" + image -> MC rationales
+  images/pair_XXX.png     400 images, one preference pair each (in no other file)
+  images/extra_XXX.png    320 images, one SFT description each (more scenes to learn to see)
+  captions.json           image -> ground-truth captions (shapes_ and pair_ images);
+                          "aok_" + image -> MC rationales
   pretrain.json           stage-1 (`plain`) image-caption pairs
   sft.json                LLaVA conversations (single and multi-turn, some text-only)
   preference.json         output_1 / output_2 / preference / hallucination
@@ -30,6 +34,8 @@ from PIL import Image, ImageDraw
 
 TOY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data", "toy")
 IMAGE_SIZE, NUM_IMAGES, NUM_EVAL = 56, 96, 16
+NUM_PAIR_IMAGES = 400  # images "pair_XXX.png" of the preference pairs (one pair each)
+NUM_EXTRA_SFT = 320  # images "extra_XXX.png" with one SFT description each (grounding on more scenes)
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 119, 180), "yellow": (230, 200, 30)}
 PLACES = ("top left", "top right", "bottom left", "bottom right")
@@ -98,7 +104,8 @@ def _absent(scene, rng: random.Random) -> tuple[str, str]:
 
 
 def _hallucinate(scene, rng: random.Random) -> str:
-    """A description with one wrong colour, or with an extra shape that is not there."""
+    """A description with one wrong colour, or with an extra shape that is not there (the
+    first release's rejected answers; now only drawn to keep the other records as they were)."""
     scene = list(scene)
     free = [p for p in PLACES if p not in {o[2] for o in scene}]
     if free and rng.random() < 0.5:
@@ -112,8 +119,36 @@ def _hallucinate(scene, rng: random.Random) -> str:
     return _describe(scene)
 
 
+def _hallucinated(scene, rng: random.Random) -> str:
+    """A hallucinated description: the true layout, but every shape renamed with a colour and
+    a shape that are nowhere in the image (so nowhere in its captions); with three shapes of
+    three colours only one of the two may be missing, then either is."""
+    colors, shapes = {o[1] for o in scene}, {o[0] for o in scene}
+    options = [(s, c) for s in SHAPES for c in COLORS if s not in shapes and c not in colors]
+    options = options or [(s, c) for s in SHAPES for c in COLORS if s not in shapes or c not in colors]
+    return _describe([(*rng.choice(options), place) for _, _, place in scene])
+
+
+def _preference(pid: str, name: str, scene, rng: random.Random, bad: str) -> dict:
+    good = _describe(scene)
+    preference = rng.choice((1, 2))
+    outputs = (good, bad) if preference == 1 else (bad, good)
+    return {"id": pid, "image": name, "conversations": _conv(f"<image>\n{rng.choice(DESCRIBE)}", ""),
+            "output_1": {"from": "gpt", "value": outputs[0]}, "output_2": {"from": "gpt", "value": outputs[1]},
+            "preference": preference, "hallucination": True}
+
+
 def _conv(*pairs: str) -> list[dict]:
     return [{"from": ("human", "gpt")[k % 2], "value": v} for k, v in enumerate(pairs)]
+
+
+def _qa(rid: str, name: str, scene, rng: random.Random) -> dict:
+    """A 3-turn conversation about one shape: its colour, its place, the count."""
+    shape, color, place = rng.choice(scene)
+    return {"id": rid, "image": name, "conversations": _conv(
+        f"What color is the {shape}?\n<image>", f"The {shape} is {color}.",
+        f"Where is the {shape}?", f"It is in the {place} of the image.",
+        "How many shapes are there?", f"There {'is' if len(scene) == 1 else 'are'} {NUMBERS[len(scene)]}.")}
 
 
 def _mc(scene, rng: random.Random):
@@ -142,18 +177,10 @@ def build_world(seed: int = 0) -> dict:
         pretrain.append({"id": f"pre_{i}", "image": name, "conversations": _conv("<image>", captions[name][2])})
         sft.append({"id": f"sft_{i}_d", "image": name,
                     "conversations": _conv(f"<image>\n{rng.choice(DESCRIBE)}", _describe(scene))})
-        shape, color, place = rng.choice(scene)
-        sft.append({"id": f"sft_{i}_q", "image": name, "conversations": _conv(
-            f"What color is the {shape}?\n<image>", f"The {shape} is {color}.",
-            f"Where is the {shape}?", f"It is in the {place} of the image.",
-            "How many shapes are there?", f"There {'is' if len(scene) == 1 else 'are'} {NUMBERS[len(scene)]}.")})
-        good, bad = _describe(scene), _hallucinate(scene, rng)
-        preference = rng.choice((1, 2))
-        outputs = (good, bad) if preference == 1 else (bad, good)
-        pref.append({"id": f"pref_{i}", "image": name,
-                     "conversations": _conv(f"<image>\n{rng.choice(DESCRIBE)}", ""),
-                     "output_1": {"from": "gpt", "value": outputs[0]}, "output_2": {"from": "gpt", "value": outputs[1]},
-                     "preference": preference, "hallucination": True})
+        sft.append(_qa(f"sft_{i}_q", name, scene, rng))
+        # The first release drew a preference pair on each training image here; the draws stay
+        # so that every record after them keeps its content (the pairs have their own images).
+        _hallucinate(scene, rng), rng.choice((1, 2)), rng.choice(DESCRIBE)
         kind = i % 3
         if kind == 0:
             rl.append({"id": f"rl_{i}", "image": name, "caption_type": 1, "length_bonus": 1.0,
@@ -192,6 +219,25 @@ def build_world(seed: int = 0) -> dict:
                       "image_path": name, "image_content": [o[0] for o in scene],
                       "question": f"What color is the {shape} in the {place}?",
                       "gt_answer": f"The {shape} in the {place} is {color}."})
+    # Preference pairs on images of their own, from their own stream: no pair shares an image
+    # with another pair or with SFT, so a held-out pair is a new scene for the reward model.
+    pair_rng = random.Random(f"pairs-{seed}")
+    for k in range(NUM_PAIR_IMAGES):
+        name, scene = f"pair_{k:03d}.png", _scene(pair_rng)
+        names.append(name)
+        scenes.append(scene)
+        captions[name] = _captions(scene)
+        pref.append(_preference(f"pair_{k}", name, scene, pair_rng, _hallucinated(scene, pair_rng)))
+    # More SFT scenes, also from their own stream: a description each. Eighty images teach the
+    # tiny model to recite them; a few hundred more teach it to see colours and shapes in
+    # scenes it has not met, which the reward model then builds on.
+    sft_rng = random.Random(f"sft-{seed}")
+    for k in range(NUM_EXTRA_SFT):
+        name, scene = f"extra_{k:03d}.png", _scene(sft_rng)
+        names.append(name)
+        scenes.append(scene)
+        sft.append({"id": f"extra_{k}_d", "image": name,
+                    "conversations": _conv(f"<image>\n{sft_rng.choice(DESCRIBE)}", _describe(scene))})
     return {"scenes": dict(zip(names, scenes)), "captions": captions, "pretrain": pretrain, "sft": sft,
             "preference": pref, "rl_prompts": rl, "questions": questions, "pope": pope, "mmhal": mmhal}
 
@@ -199,12 +245,21 @@ def build_world(seed: int = 0) -> dict:
 def corpus(world: dict) -> list[str]:
     """Every text of the world (plus template and reward-prompt words): the tokenizer corpus."""
     from llava_jax.data.templates import VICUNA_SYSTEM
+    from llava_jax.reward_prompt import RewardPrompt
 
-    # The template words occur in every sequence: weight them so they become single tokens.
+    # The template and the default reward-model wording occur in every sequence of their
+    # stages: weight them so they become (mostly) whole-word tokens and sequences stay short.
+    reward = RewardPrompt.from_file()
+    rating = reward.user.replace("{facts}", reward.facts.replace("{captions}", "")) + " " + reward.assistant
     texts = [EXTRA_TEXT, string.ascii_letters + string.digits] + [VICUNA_SYSTEM + " USER: ASSISTANT:"] * 200
-    texts += [c for caps in world["captions"].values() for c in caps]
+    texts += [rating] * 100 + [MC_SUFFIX] * 100  # every multiple-choice RL prompt ends with it
+    # The pairs (on pair_ images) repeat these sentence forms: leaving them out keeps the
+    # tokenizer the same whatever their number or their rejected answers.
+    texts += [c for name, caps in world["captions"].items() for c in caps if not name.startswith("pair_")]
     for key in ("pretrain", "sft", "preference", "rl_prompts"):
         for record in world[key]:
+            if record.get("image", "").startswith("pair_"):
+                continue
             texts += [t["value"] for t in record["conversations"]]
             texts += [record[k]["value"] for k in ("output_1", "output_2") if k in record]
     texts += [q["text"] for q in world["questions"] + world["pope"]]
