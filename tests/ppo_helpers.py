@@ -21,6 +21,8 @@ def make_world(root: str, sft_steps: int | None = None, rm_steps: int | None = N
         cfg.log.tensorboard, cfg.data.workers, cfg.data.num_buckets = False, 0, 1  # one shape, one compile
         if name == "rm":
             cfg.model.init = os.path.join(root, "sft", "model")
+            if steps is not None:  # a short run: full lr from the first step, or its scores stay ~0
+                cfg.optim.schedule, cfg.optim.learning_rate, cfg.optim.warmup_steps = "constant", 2e-3, 5
         run(cfg)
     return os.path.join(root, "sft", "model"), os.path.join(root, "rm", "adapter")
 

@@ -71,8 +71,14 @@ def test_length_penalty_alone_shortens_responses(world, tmp_path):
     assert len(samples) == 16 and "reward_input" in samples[0]
 
 
-def test_toy_reward_model_score_rises_with_bounded_kl(world, tmp_path):
-    cfg = ppo_config(tmp_path / "rm", *world, steps=10)
+def test_toy_reward_model_score_rises_with_bounded_kl(toy_world, tmp_path):
+    """The README's tiny_sft policy under the full tiny_rm (>= 90% held out), the RM alone as
+    the reward, on the describe prompts (what the toy RM was trained to judge)."""
+    with open(os.path.join(ROOT, "data", "toy", "rl_prompts.json")) as f:
+        describe = [r for r in json.load(f) if r["caption_type"] == 1]
+    (tmp_path / "describe.json").write_text(json.dumps(describe))
+    cfg = ppo_config(tmp_path / "rm", *toy_world, steps=10)
+    cfg.data.train = str(tmp_path / "describe.json")
     cfg.ppo.rollout_batch, cfg.ppo.step_batch = 16, 8
     cfg.ppo.length_bonus = cfg.ppo.correct_bonus = cfg.ppo.no_stop_penalty = 0.0  # the RM alone
     run_ppo(cfg)
