@@ -5,7 +5,8 @@
 
 Builds a random llava-hf model (CPU-sized by default: 8 layers, hidden 512), imports it with
 the real `load_hf`, and times greedy decoding of `--new-tokens` tokens (no early stop) for a
-left-padded batch with images, in both implementations, in the same run. Prints a table.
+left-padded batch with images, in both implementations, in the same run (alternating, `--repeats` times each). Prints a table
+of medians.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def main() -> None:
     p.add_argument("--prompt-text", type=int, default=16)
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of each implementation (alternating)")
     p.add_argument("--skip-hf", action="store_true", help="time ours only (e.g. on a GPU without torch)")
     a = p.parse_args()
 
@@ -73,39 +75,54 @@ def main() -> None:
         ids[b, pad + 1:pad + 1 + n_img] = config.image_token_index
     pixels = rng.randn(a.batch, a.image_size, a.image_size, 3).astype(np.float32)
 
+    # The KV cache in the model dtype: a bfloat16 cache under float32 compute would convert
+    # the whole cache every step (slow on CPU), and HF keeps its cache in the model dtype too.
     sampling = SamplingConfig(max_new_tokens=a.new_tokens, temperature=0.0, eos_id=None, cache_dtype=a.dtype)
     run = generate_fn(config, sampling)
     start = time.perf_counter()
-    jax.block_until_ready(run(base, None, ids, mask, pixels, jax.random.PRNGKey(0)))
+    out = jax.block_until_ready(run(base, None, ids, mask, pixels, jax.random.PRNGKey(0)))
     compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        out = jax.block_until_ready(run(base, None, ids, mask, pixels, jax.random.PRNGKey(0)))
-        times.append(time.perf_counter() - start)
-    ours = min(times)
-    tokens = a.batch * a.new_tokens
-    rows = [("llava_jax (jit, KV cache)", ours, f"compile {compile_s:.1f}s")]
+    runners = {"ours": lambda: jax.block_until_ready(run(base, None, ids, mask, pixels, jax.random.PRNGKey(0)))}
     if not a.skip_hf:
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
         hf = hf.to(torch_dtype)
         kwargs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
                       pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2).to(torch_dtype), pad_token_id=0,
                       eos_token_id=None, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens)
+
+        def run_hf():
+            with torch.no_grad():
+                return hf.generate(**kwargs)
+
         with torch.no_grad():
             hf.generate(**{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        runners["hf"] = run_hf
+    # Both sides run the same number of times, alternating, so a change in the machine's load
+    # (other jobs share the CPU) hits both alike; the table gives medians.
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    results = {}
+    for _ in range(a.repeats):
+        for name, fn in runners.items():
             start = time.perf_counter()
-            ref = hf.generate(**kwargs)[:, seq:].numpy()
-            hf_s = time.perf_counter() - start
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    tokens = a.batch * a.new_tokens
+    rows = [("llava_jax (jit, KV cache)", times["ours"], f"compile {compile_s:.1f}s")]
+    if "hf" in runners:
+        ref = results["hf"][:, seq:].numpy()
         same = float((np.asarray(out["tokens"]) == ref).mean())
-        rows.append(("HF transformers generate", hf_s, f"same greedy tokens: {same:.1%}"))
+        rows.append(("HF transformers generate", times["hf"], f"same greedy tokens: {same:.1%}"))
     print(f"LLaVA {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}, batch {a.batch}, prompt {seq} tokens "
-          f"({n_img} image), {a.new_tokens} new tokens, {a.dtype}, {jax.devices()[0].platform}")
-    print(f"{'implementation':<28}{'seconds':>9}{'tokens/s':>11}  note")
+          f"({n_img} image), {a.new_tokens} new tokens, {a.dtype}, {jax.devices()[0].platform}, "
+          f"median of {a.repeats} runs each")
+    print(f"{'implementation':<28}{'seconds':>9}{'tokens/s':>11}{'best s':>9}  note")
     for name, secs, note in rows:
-        print(f"{name:<28}{secs:>9.2f}{tokens / secs:>11.1f}  {note}")
+        med = float(np.median(secs))
+        print(f"{name:<28}{med:>9.2f}{tokens / med:>11.1f}{min(secs):>9.2f}  {note}")
     if len(rows) == 2:
-        print(f"speed-up: {rows[1][1] / rows[0][1]:.2f}x")
+        ratios = [h / o for o, h in zip(rows[0][1], rows[1][1])]
+        print(f"speed-up: {np.median(rows[1][1]) / np.median(rows[0][1]):.2f}x (medians); "
+              f"per round {', '.join(f'{r:.2f}' for r in ratios)}")
 
 
 if __name__ == "__main__":

@@ -2,16 +2,18 @@
 """Training-step throughput (tokens/s, MFU) of our jitted `sft_step` vs HF PyTorch on the same weights.
 
   python scripts/bench_train.py [--mode both|full|lora] [--layers 8 --hidden 512 --batch 4 --seq 512]
-                                [--lora-rank 16] [--steps 5] [--dtype float32] [--skip-hf]
+                                [--lora-rank 16] [--steps 5] [--dtype float32] [--skip-hf] [--peak]
 
 Builds bench_generate's random llava-hf model (LLaMA 8 layers, hidden 512, vocab 32000; CLIP 4
 layers, 112 px -> 64 image tokens), imports it with the real `load_hf`, and times one training step
 (forward + backward + clipped AdamW) on `--seq` tokens per item (image placeholders, then a 32-token
 prompt masked out of the labels) in both implementations, in the same run. full: projector + LLM
 train, vision frozen; lora: adapters on q,k,v,o,gate,up,down of the LLM (peft on HF). Median of
-`--steps` steps after 2 warm-up. MFU: model FLOPs (`transformer_train_flops`, vision forward only)
-over the dense bf16 peak; "n/a" on CPU. With bfloat16 our trainable leaves stay float32 (as in the
-trainer), HF trains in pure bfloat16. The footer prints both step-0 losses (same weights: equal).
+`--steps` steps after 2 warm-up, ours and HF alternating step by step (each then sees the same
+share of a shared machine's load; the fastest step is printed too). MFU: model FLOPs
+(`transformer_train_flops`, vision forward only) over the dense bf16 peak; "n/a" on CPU. With
+bfloat16 our trainable leaves stay float32 (as in the trainer), HF trains in pure bfloat16. The
+footer prints both step-0 losses (same weights: equal).
 """
 from __future__ import annotations
 
@@ -50,14 +52,25 @@ def make_batch(batch: int, seq: int, vocab: int, n_img: int, image_token: int, i
             "pixel_values": rng.randn(batch, image_size, image_size, 3).astype(np.float32)}
 
 
-def time_steps(step, steps: int) -> tuple[float, float, float]:
-    """(median seconds/step over `steps` after WARMUP, step-0 loss, seconds of the first step)."""
-    times, losses = [], []
-    for _ in range(WARMUP + steps):
-        start = time.perf_counter()
-        losses.append(step())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[WARMUP:]), losses[0], times[0]
+def time_steps(steps_by_name: dict, steps: int) -> dict[str, tuple[float, float, float, float]]:
+    """name -> (median s/step over `steps` after WARMUP, fastest step, step-0 loss, seconds of the first step).
+
+    The implementations take turns step by step: on a shared machine load comes and goes,
+    and timing one after the other would hand each a different share of it."""
+    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
+    losses: dict[str, float] = {}
+    for name, step in steps_by_name.items():
+        for _ in range(WARMUP):
+            start = time.perf_counter()
+            loss = step()
+            times[name].append(time.perf_counter() - start)
+            losses.setdefault(name, loss)
+    for _ in range(steps):
+        for name, step in steps_by_name.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(t[WARMUP:]), min(t[WARMUP:]), losses[name], t[0]) for name, t in times.items()}
 
 
 def ours_step_fn(mode: str, config, base: dict, batch: dict, rank: int, alpha: float, dtype: str, total: int):
@@ -125,6 +138,30 @@ def hf_step_fn(mode: str, hf, init_state: dict, batch: dict, rank: int, alpha: f
     return model, step
 
 
+def matmul_peak(torch_device=None, size: int = 4096, reps: int = 5) -> dict[str, float]:
+    """Best-of-`reps` FLOP/s of one [size, size] x [size, size] float32 matmul in jax (and torch):
+    the ceiling the GF/s column is measured against (on CPU, where no peak table applies)."""
+    x = jnp.asarray(np.random.RandomState(0).randn(size, size), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    runs = {"jax": lambda: jax.block_until_ready(matmul(x))}
+    if torch_device is not None:
+        import torch
+
+        t = torch.tensor(np.asarray(x), device=torch_device)
+        sync = torch.cuda.synchronize if torch_device.type == "cuda" else (lambda: None)
+        runs["torch"] = lambda: (t @ t, sync())
+    peaks = {}
+    for name, run in runs.items():
+        run()
+        best = float("inf")
+        for _ in range(reps):
+            start = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - start)
+        peaks[name] = 2 * size ** 3 / best
+    return peaks
+
+
 def step_flops(mode: str, config, base: dict, batch: int, seq: int) -> float:
     """Model FLOPs of one step: LLM (train or LoRA), projector on image tokens, frozen vision forward."""
     from llava_jax.metrics import transformer_train_flops
@@ -152,6 +189,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help=f"timed steps, after {WARMUP} warm-up steps")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--skip-hf", action="store_true", help="time ours only (e.g. on a GPU without torch)")
+    p.add_argument("--peak", action="store_true", help="also measure a 4096^3 float32 matmul's FLOP/s (jax, torch)")
     a = p.parse_args()
 
     from llava_jax.convert import load_hf
@@ -192,16 +230,18 @@ def main() -> None:
     rows, footer = [], []
     for mode in modes:
         flops = step_flops(mode, config, base, a.batch, a.seq)
-        step = ours_step_fn(mode, config, base, batch, a.lora_rank, a.lora_alpha, a.dtype, WARMUP + a.steps)
-        secs, ours_loss, first = time_steps(step, a.steps)
-        rows.append((f"ours-{mode}", mode, secs, flops))
-        print(f"ours-{mode}: {secs:.3f} s/step", file=sys.stderr, flush=True)  # progress of a long run
+        steps = {f"ours-{mode}": ours_step_fn(mode, config, base, batch, a.lora_rank, a.lora_alpha, a.dtype,
+                                              WARMUP + a.steps)}
+        if hf is not None:
+            hf, steps[f"HF-{mode}"] = hf_step_fn(mode, hf, init_state, batch, a.lora_rank, a.lora_alpha, torch_device)
+        timed = time_steps(steps, a.steps)
+        for name, (secs, best, _, _) in timed.items():
+            rows.append((name, mode, secs, best, flops))
+            print(f"{name}: {secs:.3f} s/step", file=sys.stderr, flush=True)  # progress of a long run
+        ours_loss, first = timed[f"ours-{mode}"][2:]
         line = f"step-0 loss {mode}: ours {ours_loss:.6f}"
         if hf is not None:
-            hf, step = hf_step_fn(mode, hf, init_state, batch, a.lora_rank, a.lora_alpha, torch_device)
-            secs, hf_loss, _ = time_steps(step, a.steps)
-            rows.append((f"HF-{mode}", mode, secs, flops))
-            print(f"HF-{mode}: {secs:.3f} s/step", file=sys.stderr, flush=True)
+            hf_loss = timed[f"HF-{mode}"][2]
             line += f", HF {hf_loss:.6f}, |diff| {abs(ours_loss - hf_loss):.2e}"
         footer.append(f"{line} (ours: compile + first step {first:.1f}s)")
 
@@ -209,15 +249,22 @@ def main() -> None:
     print(f"LLaVA {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}, batch {a.batch} x seq {a.seq} "
           f"({config.num_image_tokens} image tokens), {a.dtype}{lora_note}, jax on {device.device_kind}"
           + (f", torch on {torch_device}" if torch_device is not None else "")
-          + f"; median of {a.steps} steps after {WARMUP} warm-up")
-    print(f"{'run':<12}{'s/step':>9}{'tokens/s':>11}{'MFU':>8}{'ours/HF':>9}")
-    hf_secs = {mode: secs for name, mode, secs, _ in rows if name.startswith("HF")}
-    for name, mode, secs, flops in rows:
+          + f"; median of {a.steps} steps after {WARMUP} warm-up, ours and HF taking turns")
+    print(f"{'run':<12}{'s/step':>9}{'tokens/s':>11}{'GF/s':>8}{'MFU':>8}{'ours/HF':>9}{'best s':>9}{'ours/HF':>9}")
+    hf_secs = {mode: (secs, best) for name, mode, secs, best, _ in rows if name.startswith("HF")}
+    for name, mode, secs, best, flops in rows:
         mfu = f"{flops / secs / peak:.1%}" if peak else "n/a"
-        ratio = f"{hf_secs[mode] / secs:.2f}x" if name.startswith("ours") and mode in hf_secs else ""
-        print(f"{name:<12}{secs:>9.3f}{tokens / secs:>11.0f}{mfu:>8}{ratio:>9}")
+        ours_vs_hf = name.startswith("ours") and mode in hf_secs
+        ratio = f"{hf_secs[mode][0] / secs:.2f}x" if ours_vs_hf else ""
+        best_ratio = f"{hf_secs[mode][1] / best:.2f}x" if ours_vs_hf else ""
+        print(f"{name:<12}{secs:>9.3f}{tokens / secs:>11.0f}{flops / secs / 1e9:>8.0f}{mfu:>8}{ratio:>9}{best:>9.3f}"
+              f"{best_ratio:>9}")
+    print("GF/s: the step's model FLOPs (the same count for both) per second")
     if hf_secs:
-        print("ours/HF = tokens/s of ours over HF's (> 1: ours faster)")
+        print("ours/HF = tokens/s of ours over HF's (> 1: ours faster), from the median and from the fastest step")
+    if a.peak:
+        peaks = matmul_peak(torch_device)
+        print("float32 matmul 4096^3, best of 5: " + ", ".join(f"{k} {v / 1e9:.0f} GF/s" for k, v in peaks.items()))
     print("\n".join(footer))
 
 

@@ -127,6 +127,22 @@ def test_stop_sequence_and_adapter(world):
     np.testing.assert_array_equal(with_adapter, merged)
 
 
+def test_unstacked_layers_decode_like_the_scanned_layers(world):
+    """The per-layer decode path (the CPU default) and the scanned one: same tokens and log-probs,
+    with an adapter and sampling."""
+    _, config, base = world
+    ids, mask, pixels = _prompts(config, with_image=True)
+    adapter = lora.init_adapter(base, lora.LoraConfig(rank=4, alpha=8), jax.random.PRNGKey(1))
+    adapter = lora.Adapter(jax.tree_util.tree_map(lambda x: x + 0.1, adapter.params), adapter.config)
+    outs = []
+    for unstack in (False, True):
+        sampling = SamplingConfig(max_new_tokens=10, temperature=0.7, eos_id=None, cache_dtype="float32",
+                                  unstack_layers=unstack)
+        outs.append(generate(config, base, adapter, ids, mask, pixels, jax.random.PRNGKey(2), sampling))
+    np.testing.assert_array_equal(np.asarray(outs[0]["tokens"]), np.asarray(outs[1]["tokens"]))
+    np.testing.assert_allclose(np.asarray(outs[0]["logprobs"]), np.asarray(outs[1]["logprobs"]), rtol=1e-5, atol=1e-5)
+
+
 def test_top_k_and_top_p_never_leave_the_allowed_set():
     logits = jnp.asarray(np.random.RandomState(0).randn(4, 50) * 2, jnp.float32)
     keys = jax.random.split(jax.random.PRNGKey(0), 4000)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llava_jax.models.causal_attention import causal_attention
 from llava_jax.models.layers import RMSNorm, as_dtype, attention, dense, param_init, scan_layers
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -101,6 +102,12 @@ def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype: Any = jnp.bfloa
 CACHE_AXES = ("layers", "batch", "kv_heads", "cache_length", None)  # logical names of a cache array
 
 
+def unstack_layers(tree: dict, num_layers: int) -> list[dict]:
+    """Per-layer trees [layer 0, ...] of a tree whose leaves carry a leading `layers` axis (the
+    scanned layers' variables or a stacked cache); see `Llama.hidden(..., layers=...)`."""
+    return [jax.tree_util.tree_map(lambda x, i=i: x[i], tree) for i in range(num_layers)]
+
+
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Left padding: the first real token is position 0 (pads get 0 too; they are masked)."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -120,13 +127,19 @@ def dense_kwargs(cfg: LlamaConfig, use_bias: bool = False) -> dict[str, Any]:
 
 class LlamaAttention(nn.Module):
     config: LlamaConfig
+    # Decode only. True: write this token's key/value into the cache, then attend over it; the
+    # caller's identical write of new_rows into its per-layer cache (`Llama.hidden` with
+    # `layers`) is then the same op, done in place. False (scanned layers, whose cache is a
+    # slice of the stacked one): read the cache as it is, the new token joining as extra_kv.
+    # Reading the old cache and writing it after would make XLA copy the cache twice a step.
+    write_first: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array,
                  cache: dict | None = None, cache_index: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
-        """With this layer's `cache` ({k, v}: [B, S, K, D]), queries attend over all S slots
-        (`mask` [B, T, S]) with this call's keys/values placed at slots cache_index..; the new
-        keys/values are returned for the caller to write into the cache once for all layers."""
+        """With this layer's `cache` ({k, v}: [B, K, S, D]), this call's keys/values are placed
+        at slots cache_index.. and queries attend over all S slots (`mask` [B, T, S]); the new
+        keys/values are returned for the caller to write into its cache (`Llama.hidden`)."""
         cfg = self.config
         kw = dense_kwargs(cfg)
         b, t, _ = x.shape
@@ -139,15 +152,15 @@ class LlamaAttention(nn.Module):
         v = v.reshape(b, t, cfg.num_kv_heads, hd).transpose(0, 2, 1, 3)
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
         new_rows = None
-        if cache is None:
-            out = attention(q, k, v, mask)
+        if cache is None:  # the mask is causal: tiles above the diagonal are skipped
+            out = causal_attention(q, k, v, mask)
         else:
             new_rows = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
-            if t == 1:  # decode: read the cache as it is; the new token joins as extra_kv
+            if t == 1 and not self.write_first:  # decode: read the cache as it is; the new token joins as extra_kv
                 unwritten = jnp.arange(cache["k"].shape[2])[None, None, :] >= cache_index
                 out = attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), mask & ~unwritten,
                                 extra_kv=(k, v))
-            else:  # prefill: write the prompt's keys/values first (once per generation)
+            else:  # prefill (once per generation) or write_first: write the keys/values, then attend
                 k, v = (jax.lax.dynamic_update_slice(cache[n], new_rows[n], (0, 0, cache_index, 0)).astype(q.dtype)
                         for n in ("k", "v"))
                 out = attention(q, k, v, mask)
@@ -170,6 +183,7 @@ class LlamaMLP(nn.Module):
 
 class LlamaLayer(nn.Module):
     config: LlamaConfig
+    write_first: bool = False  # see LlamaAttention
 
     @nn.compact
     def __call__(self, x, mask, cos, sin, cache_index, layer_cache):
@@ -177,7 +191,7 @@ class LlamaLayer(nn.Module):
         # the new rows leave the scan: carrying the whole cache through it would copy it per layer.
         cfg = self.config
         norm = dict(eps=cfg.rms_norm_eps, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype))
-        h, new_rows = LlamaAttention(cfg, name="attn")(RMSNorm(name="input_norm", **norm)(x), mask, cos, sin,
+        h, new_rows = LlamaAttention(cfg, self.write_first, name="attn")(RMSNorm(name="input_norm", **norm)(x), mask, cos, sin,
                                                        layer_cache, cache_index)
         x = x + h
         x = x + LlamaMLP(cfg, name="mlp")(RMSNorm(name="post_attn_norm", **norm)(x))
@@ -204,13 +218,21 @@ class Llama(nn.Module):
         return self.embed_tokens(input_ids)
 
     def hidden(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
-               positions: jax.Array | None = None, cache: dict | None = None,
-               cache_index: jax.Array | int = 0) -> jax.Array | tuple[jax.Array, dict]:
+               positions: jax.Array | None = None, cache: dict | list | None = None,
+               cache_index: jax.Array | int = 0, layers: list[dict] | None = None
+               ) -> jax.Array | tuple[jax.Array, dict | list]:
         """Final RMS-normed hidden states [B, T, D] for embedded inputs [B, T, D].
 
-        With a KV `cache` ({k, v} [L, B, S, K, D], see `init_cache`): `attention_mask` is the
+        With a KV `cache` ({k, v} [L, B, K, S, D], see `init_cache`): `attention_mask` is the
         [B, S] validity of the cache slots (this call's T tokens included, at slots
         cache_index..), `positions` are required, and (hidden, updated cache) is returned.
+
+        `layers`: the layers' variables already split per layer (`unstack_layers` of
+        {'params': .., 'lora': ..} under llm/layers), with `cache` a matching list of per-layer
+        {k, v} [B, K, S, D]. The layers then run unrolled on those arrays instead of scanning
+        the stacked params: inside a decode loop, XLA:CPU copies each layer's dynamic slice of
+        the stacked weights and cache on every step (a quarter of a CPU decode step), while
+        arrays split once before the loop are read in place.
         """
         b, t, _ = inputs_embeds.shape
         if attention_mask is None:
@@ -228,6 +250,17 @@ class Llama(nn.Module):
         x = nn.with_logical_constraint(inputs_embeds.astype(as_dtype(self.config.dtype)),
                                        ("batch", "length", "act_embed"))
         index = jnp.asarray(cache_index, jnp.int32)
+        if layers is not None:
+            if cache is None or len(cache) != len(layers):
+                raise ValueError("per-layer `layers` need a matching list of per-layer caches")
+            new_cache = []
+            for variables, layer_cache in zip(layers, cache):
+                # parent=None: a free-standing layer applied to this layer's variables, not a child module.
+                layer = LlamaLayer(self.config, write_first=True, parent=None)
+                x, rows = layer.apply(variables, x, mask, cos, sin, index, layer_cache)
+                new_cache.append({name: jax.lax.dynamic_update_slice(layer_cache[name], rows[name], (0, 0, index, 0))
+                                  for name in ("k", "v")})
+            return self.norm(x), new_cache
         x, new_rows = self.layers(x, mask, cos, sin, index, cache)
         if cache is None:
             return self.norm(x)

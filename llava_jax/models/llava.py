@@ -122,12 +122,13 @@ class Llava(nn.Module):
 
     def hidden(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                attention_mask: jax.Array | None = None, *, vision_features: jax.Array | None = None,
-               positions: jax.Array | None = None, cache: dict | None = None,
-               cache_index: jax.Array | int = 0) -> jax.Array | tuple[jax.Array, dict]:
+               positions: jax.Array | None = None, cache: dict | list | None = None,
+               cache_index: jax.Array | int = 0, layers: list[dict] | None = None
+               ) -> jax.Array | tuple[jax.Array, dict | list]:
         """Final normed LLM hidden states [B, T, D] (what reward / value heads read); with a
-        KV `cache`, (hidden, cache) as in `Llama.hidden`."""
+        KV `cache` (and optionally per-layer `layers`), (hidden, cache) as in `Llama.hidden`."""
         embeds = self.embed(input_ids, pixel_values, vision_features)
-        return self.llm.hidden(embeds, attention_mask, positions, cache, cache_index)
+        return self.llm.hidden(embeds, attention_mask, positions, cache, cache_index, layers)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.llm.logits(hidden)
