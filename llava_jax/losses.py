@@ -2,12 +2,12 @@
 
 With a 32000-word vocabulary the head is a third of a small LLaVA's training FLOPs, and
 autodiff through `log_softmax` + `take_along_axis` walks the [B, T, V] logits about eight
-times. `head_cross_entropy` gives the same sums (loss, targets, argmax hits) cheaper, exactly:
+times. `head_cross_entropy` gives the same sums (loss, targets, argmax hits) for less:
 
 * Only positions with a target get logits. A stable sort moves each row's target positions
   to the front; the head runs on the first M of every row, M the largest per-row target
   count rounded up to T / `buckets` (a `lax.switch` over the buckets keeps shapes static).
-  Image, prompt and pad positions, a fifth to a half of an SFT batch, cost nothing.
+  Image, prompt and pad positions, often a fifth to a half of an SFT batch, cost nothing.
 * The loss is a plain sum, so its gradient w.r.t. the logits (softmax - onehot) is known in
   the forward pass. Under differentiation the forward pass also forms both head gradients,
   so no [B, M, V] array survives into the backward pass, and inputs that are not
@@ -52,10 +52,6 @@ def head_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, 
     ce, correct = _fused(chunk, tied, jnp.dtype(dtype).name, hidden, kernel, targets, mask, order,
                          bucket.astype(jnp.int32))
     return ce, jnp.sum(mask).astype(jnp.float32), correct
-
-
-def _rows(chunk: int, t: int, bucket: int) -> int:
-    return min(bucket * chunk, t)
 
 
 def _bucket(m: int, tied: bool, dtype: str, want_dh: bool, want_dw: bool,
@@ -121,7 +117,7 @@ def _argmax_hits(logits, shifted, target_on_top, targets, mask) -> jax.Array:
 
 def _switch(chunk, tied, dtype, want_dh, want_dw, hidden, kernel, targets, mask, order, bucket):
     t = hidden.shape[1]
-    sizes = [_rows(chunk, t, k) for k in range(-(-t // chunk) + 1)]
+    sizes = [min(k * chunk, t) for k in range(-(-t // chunk) + 1)]
     branches = [functools.partial(_bucket, m, tied, dtype, want_dh, want_dw) for m in sizes]
     return jax.lax.switch(bucket, branches, hidden, kernel, targets, mask, order)
 

@@ -63,9 +63,11 @@ def sample_step(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> tuple
     top = jnp.max(scaled, axis=-1, keepdims=True)
     if cfg.temperature == 0:
         # argmax as max + min index: XLA:CPU's (value, index) argmax reduction is ~7x slower
-        # over a 32k vocabulary (1.1 vs 0.15 ms for [8, 32000]). Same token: the first maximum, or the first NaN if any (as argmax).
+        # (1.1 vs 0.15 ms for [8, 32000]). Same token as argmax: the first maximum, or the
+        # first NaN if any.
         hit = (scaled == top) | jnp.isnan(scaled)
-        token = jnp.min(jnp.where(hit, jnp.arange(scaled.shape[-1], dtype=jnp.int32), scaled.shape[-1]), axis=-1)
+        index = jnp.arange(scaled.shape[-1], dtype=jnp.int32)
+        token = jnp.min(jnp.where(hit, index, scaled.shape[-1]), axis=-1)
     else:
         token = jax.random.categorical(rng, filter_logits(scaled, cfg.top_k, cfg.top_p), axis=-1)
     # log_softmax(scaled)[token] without materialising it over the vocabulary: the same

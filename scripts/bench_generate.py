@@ -5,8 +5,8 @@
 
 Builds a random llava-hf model (CPU-sized by default: 8 layers, hidden 512), imports it with
 the real `load_hf`, and times greedy decoding of `--new-tokens` tokens (no early stop) for a
-left-padded batch with images, in both implementations, in the same run (alternating, `--repeats` times each). Prints a table
-of medians.
+left-padded batch with images, in both implementations, in the same run (alternating,
+`--repeats` times each). Prints a table of medians.
 """
 from __future__ import annotations
 

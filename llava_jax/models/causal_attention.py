@@ -1,15 +1,18 @@
 """Causal self-attention over a whole sequence (training and scoring), with a hand-written VJP.
 
 `layers.attention` serves every mask (decode steps, CLIP); here the mask is known to be
-causal (plus key padding), which buys two things on CPU, where attention is
-compute- and memory-bound rather than latency-bound:
+causal (plus key padding), which buys two things:
 
 * Query blocks of `block` rows only meet the keys up to their last row: the score tiles
-  above the diagonal, masked to exactly zero weight anyway, are never formed. With T = 4
+  above the diagonal, masked to exactly zero weight anyway, are never formed. With 4
   blocks that is 3/8 of the QK^T, PV and softmax work, forward and backward.
 * The backward pass is the flash-attention one: from the saved float32 probabilities P,
   dS = P * (dP - rowsum(dO * O)), one fused pass per tile, instead of autodiff through
   where/max/exp/sum/divide over the [B, H, T, T] scores.
+
+Forward + backward of one layer of scripts/bench_train.py (B 4, T 512, 8 heads of 64) on
+the 2-core CPU: 112 ms, against 239 ms for autodiff through `layers.attention` and 141 ms
+for torch's causal scaled_dot_product_attention.
 
 Queries whose keys are all masked (left-pad rows) get a uniform average over their block's
 keys rather than over all keys: those rows are padding, nothing reads them, and no gradient

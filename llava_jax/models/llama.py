@@ -191,8 +191,8 @@ class LlamaLayer(nn.Module):
         # the new rows leave the scan: carrying the whole cache through it would copy it per layer.
         cfg = self.config
         norm = dict(eps=cfg.rms_norm_eps, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype))
-        h, new_rows = LlamaAttention(cfg, self.write_first, name="attn")(RMSNorm(name="input_norm", **norm)(x), mask, cos, sin,
-                                                       layer_cache, cache_index)
+        attn = LlamaAttention(cfg, self.write_first, name="attn")
+        h, new_rows = attn(RMSNorm(name="input_norm", **norm)(x), mask, cos, sin, layer_cache, cache_index)
         x = x + h
         x = x + LlamaMLP(cfg, name="mlp")(RMSNorm(name="post_attn_norm", **norm)(x))
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), new_rows
