@@ -27,13 +27,22 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-IGNORE_INDEX = -100
+from llava_jax.data.templates import IGNORE_INDEX
 
 
 def next_token_targets(labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(targets [B, T], mask [B, T]): position t predicts labels[:, t + 1]; the last predicts nothing."""
     targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
     return targets, (targets != IGNORE_INDEX) & (weights[:, None] > 0)
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of CE over weighted next-token targets, number of targets) on full logits [B, T, V]:
+    the plain formulation `head_cross_entropy` must equal (tests compare the two)."""
+    targets, mask = next_token_targets(labels, weights)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
+    return -jnp.sum(jnp.where(mask, picked, 0.0)), jnp.sum(mask).astype(jnp.float32)
 
 
 def head_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, weights: jax.Array, *,

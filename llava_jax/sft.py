@@ -12,28 +12,10 @@ import jax.numpy as jnp
 import optax
 
 from llava_jax import lora as lora_lib
-from llava_jax.losses import IGNORE_INDEX, head_cross_entropy
+from llava_jax.losses import head_cross_entropy
 from llava_jax.models.layers import as_dtype
+from llava_jax.models.llama import lm_head_kernel
 from llava_jax.train_state import ModelSpec, TrainState, accumulate, apply_gradients, assemble
-
-
-def token_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of CE over weighted next-token targets, number of targets); labels -100 ignored.
-
-    The reference formulation on full logits; training uses the fused `head_cross_entropy`."""
-    targets = labels[:, 1:]
-    mask = (targets != IGNORE_INDEX) & (weights[:, None] > 0)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
-    return -jnp.sum(jnp.where(mask, picked, 0.0)), jnp.sum(mask).astype(jnp.float32)
-
-
-def head_kernel(base: dict) -> tuple[jax.Array, bool]:
-    """(LM head weights, tied): llm/lm_head/kernel [D, V], or the tied embedding [V, D]."""
-    llm = base["llm"]
-    if "lm_head" in llm:
-        return llm["lm_head"]["kernel"], False
-    return llm["embed_tokens"]["embedding"], True
 
 
 def sft_loss_sums(spec: ModelSpec, params: dict, frozen: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
@@ -41,7 +23,7 @@ def sft_loss_sums(spec: ModelSpec, params: dict, frozen: dict, batch: dict, rng:
     rngs = {"dropout": rng} if spec.lora is not None and spec.lora.dropout > 0 else None
     hidden = lora_lib.forward(spec.config, base, adapter, batch["input_ids"], batch["pixel_values"],
                               batch["attention_mask"], method="hidden", rngs=rngs)
-    kernel, tied = head_kernel(base)
+    kernel, tied = lm_head_kernel(base["llm"], spec.config.text)
     # Same sums as token_cross_entropy on the logits, without the logits of non-target positions.
     ce, tokens, correct = head_cross_entropy(hidden, kernel, batch["labels"], batch["valid"], tied=tied,
                                              dtype=as_dtype(spec.config.text.dtype))

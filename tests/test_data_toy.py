@@ -56,6 +56,8 @@ def test_tokenizer_fits_the_tiny_model():
     texts = corpus(build_world())
     ids = [i for t in texts for i in tok.encode(t)]
     assert 0 not in ids and max(ids) < 511  # no <unk>, never the image id
+    short = [t["value"] for r in build_world()["sft"] if r["id"].endswith(("_mc", "_yn")) for t in r["conversations"]]
+    assert 0 not in [i for t in short for i in tok.encode(t.replace("<image>", ""))]  # left out of the corpus
     assert tok.decode(tok.encode("There is a red circle in the top left.")) == "There is a red circle in the top left."
     assert 0 not in tok.encode("An unseen word: zebra-crossing 42!")  # every ASCII character has a piece
 
@@ -104,6 +106,22 @@ def test_world_semantics():
         color, shape = q["text"][len("Is there a "):-len(" in the image?")].split()
         present = any((s, c) == (shape, color) for s, c, _ in scenes[q["image"]])
         assert q["label"] == ("yes" if present else "no")
+    short = [r for r in world["sft"] if r["id"].endswith(("_mc", "_yn"))]
+    assert len(short) == NUM_EXTRA_SFT and Counter(r["id"][-2:] for r in short) == {"mc": 160, "yn": 160}
+    answers = Counter()
+    for r in short:  # the short answers are true of their scene
+        question, answer = (t["value"] for t in r["conversations"])
+        scene = scenes[r["image"]]
+        if r["id"].endswith("_mc"):
+            place = question.split(" of the image?")[0].split("in the ")[-1]
+            options = dict(line.split(". ") for line in question.splitlines()[2:6])  # after "<image>", the question
+            assert (options[answer.rstrip(".")], place) in {(s, p) for s, _, p in scene}, r
+        else:
+            color, shape = question[len("<image>\nIs there a "):-len(" in the image?")].split()
+            present = any((s, c) == (shape, color) for s, c, _ in scene)
+            assert answer.startswith("Yes, it is in the " if present else f"No, there is no {color} {shape}"), r
+        answers[answer.split()[0]] += 1
+    assert answers["Yes,"] > 50 and answers["No,"] > 50 and len(answers) == 6, answers  # A.-D., Yes, No
     train = {r["image"] for r in world["sft"] if "image" in r}
     assert not train & {q["image"] for q in world["pope"]}  # eval images are held out
 

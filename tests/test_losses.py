@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from llava_jax import lora, trainable
-from llava_jax.losses import IGNORE_INDEX, head_cross_entropy
+from llava_jax.losses import IGNORE_INDEX, head_cross_entropy, token_cross_entropy
 from llava_jax.models import llava
-from llava_jax.sft import sft_loss_sums, token_cross_entropy
+from llava_jax.sft import sft_loss_sums
 from llava_jax.train_state import ModelSpec
 
 B, T, D, V = 4, 24, 16, 50

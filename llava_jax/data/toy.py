@@ -11,6 +11,7 @@ shapes.
   images/shapes_XXX.png   96 images (the last 16 are held out for evaluation)
   images/pair_XXX.png     400 images, one preference pair each (in no other file)
   images/extra_XXX.png    320 images, one SFT description each (more scenes to learn to see)
+                          and one short answer each (multiple choice or yes/no, alternating)
   captions.json           image -> ground-truth captions (shapes_ and pair_ images);
                           "aok_" + image -> MC rationales
   pretrain.json           stage-1 (`plain`) image-caption pairs
@@ -163,6 +164,21 @@ def _mc(scene, rng: random.Random):
     return question, 2 + "ABCD".index(letter), rationale
 
 
+def _short_answer(rid: str, name: str, scene, rng: random.Random, multiple_choice: bool) -> dict:
+    """A multiple-choice item answered with its letter ("B."), or a yes/no question about a
+    present or an absent shape (half each) answered "Yes, ..." / "No, ..."."""
+    if multiple_choice:
+        question, ctype, _ = _mc(scene, rng)
+        answer = f"{'ABCD'[ctype - 2]}."
+    elif rng.random() < 0.5:
+        shape, color = _absent(scene, rng)
+        question, answer = f"Is there a {color} {shape} in the image?", f"No, there is no {color} {shape}."
+    else:
+        shape, color, place = rng.choice(scene)
+        question, answer = f"Is there a {color} {shape} in the image?", f"Yes, it is in the {place}."
+    return {"id": rid, "image": name, "conversations": _conv(f"<image>\n{question}", answer)}
+
+
 def build_world(seed: int = 0) -> dict:
     """All toy records and images, in memory (deterministic for a seed)."""
     rng = random.Random(seed)
@@ -238,7 +254,15 @@ def build_world(seed: int = 0) -> dict:
         scenes.append(scene)
         sft.append({"id": f"extra_{k}_d", "image": name,
                     "conversations": _conv(f"<image>\n{sft_rng.choice(DESCRIBE)}", _describe(scene))})
-    return {"scenes": dict(zip(names, scenes)), "captions": captions, "pretrain": pretrain, "sft": sft,
+    # Short answers in the RL prompts' question forms (multiple choice, yes/no) on the extra
+    # scenes, from their own stream: without them the SFT policy never answers with a letter or
+    # a "No", and PPO's correctness term has nothing to reinforce.
+    qa_rng, scene_of = random.Random(f"sft-qa-{seed}"), dict(zip(names, scenes))
+    for k in range(NUM_EXTRA_SFT):
+        name = f"extra_{k:03d}.png"
+        sft.append(_short_answer(f"extra_{k}_{'mc' if k % 2 == 0 else 'yn'}", name, scene_of[name],
+                                 qa_rng, multiple_choice=k % 2 == 0))
+    return {"scenes": scene_of, "captions": captions, "pretrain": pretrain, "sft": sft,
             "preference": pref, "rl_prompts": rl, "questions": questions, "pope": pope, "mmhal": mmhal}
 
 
@@ -253,12 +277,12 @@ def corpus(world: dict) -> list[str]:
     rating = reward.user.replace("{facts}", reward.facts.replace("{captions}", "")) + " " + reward.assistant
     texts = [EXTRA_TEXT, string.ascii_letters + string.digits] + [VICUNA_SYSTEM + " USER: ASSISTANT:"] * 200
     texts += [rating] * 100 + [MC_SUFFIX] * 100  # every multiple-choice RL prompt ends with it
-    # The pairs (on pair_ images) repeat these sentence forms: leaving them out keeps the
-    # tokenizer the same whatever their number or their rejected answers.
+    # The pairs (on pair_ images) and the short answers (ids *_mc, *_yn) repeat sentence forms
+    # found elsewhere: leaving them out keeps the tokenizer the same whatever their number.
     texts += [c for name, caps in world["captions"].items() for c in caps if not name.startswith("pair_")]
     for key in ("pretrain", "sft", "preference", "rl_prompts"):
         for record in world[key]:
-            if record.get("image", "").startswith("pair_"):
+            if record.get("image", "").startswith("pair_") or record["id"].endswith(("_mc", "_yn")):
                 continue
             texts += [t["value"] for t in record["conversations"]]
             texts += [record[k]["value"] for k in ("output_1", "output_2") if k in record]

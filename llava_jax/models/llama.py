@@ -120,6 +120,14 @@ def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
     return causal[None] & attention_mask.astype(bool)[:, None, :]
 
 
+def lm_head_kernel(params: dict, cfg: LlamaConfig) -> tuple[jax.Array, bool]:
+    """(LM head weights, tied) as `Llama.logits` uses them: lm_head/kernel [D, V], or the tied
+    embedding [V, D]. `params` is the Llama's own subtree."""
+    if cfg.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"], True
+    return params["lm_head"]["kernel"], False
+
+
 def dense_kwargs(cfg: LlamaConfig, use_bias: bool = False) -> dict[str, Any]:
     return dict(use_bias=use_bias, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
                 lora_scale=cfg.lora_scale, lora_dropout=cfg.lora_dropout)
