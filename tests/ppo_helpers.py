@@ -19,6 +19,9 @@ def make_world(root: str, sft_steps: int | None = None, rm_steps: int | None = N
         if steps is not None:
             cfg.train.max_steps = steps
         cfg.log.tensorboard, cfg.data.workers, cfg.data.num_buckets = False, 0, 1  # one shape, one compile
+        # One device: partitioning over the 8 forced CPU devices would only add compile time
+        # and collectives on 2 cores (mesh invariance has tests of its own).
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
         if name == "rm":
             cfg.model.init = os.path.join(root, "sft", "model")
             if steps is not None:  # a short run: full lr from the first step, or its scores stay ~0
@@ -27,8 +30,9 @@ def make_world(root: str, sft_steps: int | None = None, rm_steps: int | None = N
     return os.path.join(root, "sft", "model"), os.path.join(root, "rm", "adapter")
 
 
-def ppo_overrides(workdir: str, base_dir: str, reward_dir: str, steps: int, mesh=(1, -1, 1)) -> dict:
-    """The test runs' settings over configs/tiny_ppo.py, as dotted keys (in-process or CLI)."""
+def ppo_overrides(workdir: str, base_dir: str, reward_dir: str, steps: int, mesh=(1, 1, 1)) -> dict:
+    """The test runs' settings over configs/tiny_ppo.py, as dotted keys (in-process or CLI).
+    One device unless `mesh` says otherwise: the mesh test splits every axis."""
     return {"requires": "", "workdir": str(workdir), "model.init": base_dir, "ppo.reward_adapter": reward_dir,
             "train.max_steps": steps, "train.lora_rank": 4,
             "optim.schedule": "constant",  # runs of different lengths share their first steps
@@ -37,7 +41,7 @@ def ppo_overrides(workdir: str, base_dir: str, reward_dir: str, steps: int, mesh
             "checkpoint.every": 100, "log.tensorboard": False, "data.workers": 0}
 
 
-def ppo_config(workdir: str, base_dir: str, reward_dir: str, steps: int, mesh=(1, -1, 1)):
+def ppo_config(workdir: str, base_dir: str, reward_dir: str, steps: int, mesh=(1, 1, 1)):
     cfg = tiny_ppo()
     for key, value in ppo_overrides(workdir, base_dir, reward_dir, steps, mesh).items():
         node, name = cfg, key
