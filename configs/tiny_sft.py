@@ -1,7 +1,7 @@
 """python scripts/train.py --config configs/tiny_sft.py
 
 SFT of the embedded tiny LLaVA on the bundled toy "shapes" world: under a minute on a CPU.
-16 epochs over 804 conversations on 400 images (800 steps): descriptions, questions about
+10 epochs over 804 conversations on 400 images (500 steps): descriptions, questions about
 one shape, and short multiple-choice / yes-no answers in the RL prompts' forms. The model
 learns to name the colours and shapes of scenes it has not seen; it is the base that tiny_rm
 and tiny_ppo start from."""
@@ -15,7 +15,7 @@ def get_config():
     c.model.init = "tiny"
     c.train.trainable = "projector+llm"
     c.train.batch_size = 16
-    c.train.num_epochs = 16.0
+    c.train.num_epochs = 10.0
     c.optim.learning_rate = 3e-3
     c.optim.warmup_ratio = 0.05
     c.data.train = "data/toy/sft.json"
