@@ -43,10 +43,5 @@ def ppo_overrides(workdir: str, base_dir: str, reward_dir: str, steps: int, mesh
 
 def ppo_config(workdir: str, base_dir: str, reward_dir: str, steps: int, mesh=(1, 1, 1)):
     cfg = tiny_ppo()
-    for key, value in ppo_overrides(workdir, base_dir, reward_dir, steps, mesh).items():
-        node, name = cfg, key
-        while "." in name:
-            head, name = name.split(".", 1)
-            node = node[head]
-        node[name] = value
+    cfg.update_from_flattened_dict(ppo_overrides(workdir, base_dir, reward_dir, steps, mesh))
     return cfg

@@ -53,10 +53,11 @@ def test_tokenizer_fits_the_tiny_model():
     assert (hf.unk_token_id, hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 1, 2, 3)
     assert hf("What color is it?").input_ids[0] == hf.bos_token_id  # adds BOS, like LLaMA
     tok = load_tokenizer(os.path.join(TOY_DIR, "tokenizer"))
-    texts = corpus(build_world())
+    world = build_world()
+    texts = corpus(world)
     ids = [i for t in texts for i in tok.encode(t)]
     assert 0 not in ids and max(ids) < 511  # no <unk>, never the image id
-    short = [t["value"] for r in build_world()["sft"] if r["id"].endswith(("_mc", "_yn")) for t in r["conversations"]]
+    short = [t["value"] for r in world["sft"] if r["id"].endswith(("_mc", "_yn")) for t in r["conversations"]]
     assert 0 not in [i for t in short for i in tok.encode(t.replace("<image>", ""))]  # left out of the corpus
     assert tok.decode(tok.encode("There is a red circle in the top left.")) == "There is a red circle in the top left."
     assert 0 not in tok.encode("An unseen word: zebra-crossing 42!")  # every ASCII character has a piece

@@ -93,8 +93,8 @@ def test_sft_loss_gradients_match_the_full_logits_loss(mode):
         params, spec = {"adapter": adapter_params}, ModelSpec(config, cfg)
 
     def reference(p):
-        b, a, _ = (trainable.join_base(p["base"], frozen) if "base" in p else frozen,
-                   lora.Adapter(p["adapter"], spec.lora) if "adapter" in p else None, None)
+        b = trainable.join_base(p["base"], frozen) if "base" in p else frozen
+        a = lora.Adapter(p["adapter"], spec.lora) if "adapter" in p else None
         logits = lora.forward(config, b, a, batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
         return token_cross_entropy(logits, batch["labels"], batch["valid"])[0]
 
