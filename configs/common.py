@@ -94,6 +94,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.ppo.reward_pad_multiple = 64  # reward-model inputs padded to a multiple of this (few compiles)
     c.ppo.export_merged = False  # also write the policy merged into the base as an HF model (workdir/hf_merged)
 
+    c.eval = ml_collections.ConfigDict()
+    c.eval.toy_dir = ""  # toy world (data/toy): PPO logs the rollouts' hallucination_rate and ends with a
+    # greedy held-out evaluation of the SFT and PPO policies (llava_jax/toy_eval.py); "" = off
+    c.eval.batch_size = 64  # questions per generate call in that evaluation
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
     c.mesh.fsdp = -1  # -1: all remaining devices

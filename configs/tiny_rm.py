@@ -26,7 +26,7 @@ def get_config():
     c.data.image_folder = "data/toy/images"
     c.data.captions = "data/toy/captions.json"
     c.data.tokenizer = "data/toy/tokenizer"
-    c.data.max_length = 272  # the rating prompt with five captions: at most 263 tokens
+    c.data.max_length = 304  # the rating prompt with five captions: at most 302 tokens
     c.data.eval_size = 64
     c.rm.eval_every = 21
     c.checkpoint.every = 21

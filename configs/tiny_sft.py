@@ -15,7 +15,7 @@ def get_config():
     c.model.init = "tiny"
     c.train.trainable = "projector+llm"
     c.train.batch_size = 16
-    c.train.num_epochs = 10.0
+    c.train.num_epochs = 30.0
     c.optim.learning_rate = 3e-3
     c.optim.warmup_ratio = 0.05
     c.data.train = "data/toy/sft.json"

@@ -144,6 +144,7 @@ def minibatch_order(seed: int, step: int, epoch: int, rows: int) -> np.ndarray:
 
 def run_ppo(cfg: Any) -> dict:
     """Trains the policy (and value) with PPO as configured; returns the last metrics."""
+    from llava_jax.data import load_captions
     from llava_jax.metrics import MetricsWriter, ProgressBar
     from llava_jax.trainer import validate
 
@@ -191,6 +192,8 @@ def run_ppo(cfg: Any) -> dict:
                       in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
     take = jax.jit(lambda tree, idx: jax.tree_util.tree_map(lambda x: x[idx], tree))
 
+    judge_captions = (load_captions(os.path.join(cfg.eval.toy_dir, "captions.json")) if cfg.eval.toy_dir
+                      else None)
     writer = MetricsWriter(cfg.workdir, process_index=jax.process_index(), tensorboard=cfg.log.tensorboard,
                            resume_step=latest)
     start = int(jax.device_get(state.step)) // updates_per_step
@@ -201,6 +204,8 @@ def run_ppo(cfg: Any) -> dict:
             timings = {"generate": 0.0, "score": 0.0}
             batches = [next(loader) for _ in range(chunks_per_step)]
             rollout, metrics, samples = rollouts.collect(frozen, state.params, batches, step, kl_coef, timings)
+            if judge_captions is not None:
+                metrics["hallucination_rate"] = rollout_hallucination(samples, judge_captions)
             begin = time.perf_counter()
             sums: dict[str, float] = {}
             for epoch in range(p.ppo_epochs):
@@ -235,7 +240,35 @@ def run_ppo(cfg: Any) -> dict:
     loader.close()
     if not ckpt.preempted and last.get("step") == steps:
         export_policy(cfg, spec, state, frozen)
+        if cfg.eval.toy_dir and jax.process_index() == 0:
+            evaluate_toy(cfg, spec, state, frozen, tokenizer)
     return last
+
+
+def rollout_hallucination(samples: list[dict], captions: dict) -> float:
+    """Share of the rollout's description answers (caption_type 1) that name a shape the
+    image lacks, by the toy judge (this process's rows)."""
+    from llava_jax.data.toy_judge import hallucinates, scene_objects
+
+    rows = [s for s in samples if s["caption_type"] == 1 and s["image"] in captions]
+    flags = [hallucinates(s["response"], scene_objects(captions[s["image"]])) for s in rows]
+    return sum(flags) / max(len(flags), 1)
+
+
+def evaluate_toy(cfg: Any, spec: roles.PPOSpec, state: Any, frozen: dict, tokenizer: Any) -> dict:
+    """Greedy held-out evaluation of the starting (SFT) policy and the PPO policy on the toy
+    world: prints the before/after table, writes workdir/eval/."""
+    from llava_jax.toy_eval import compare, format_table
+
+    base = jax.device_get(frozen["policy_base"])
+    policies = [("sft", lora_lib.Adapter(jax.device_get(frozen["ref"]), spec.policy_lora)),
+                ("ppo", lora_lib.Adapter(jax.device_get(state.params["policy"]), spec.policy_lora))]
+    out = os.path.join(cfg.workdir, "eval")
+    summary = compare([(name, spec.policy_config, base, adapter) for name, adapter in policies], tokenizer,
+                      cfg.eval.toy_dir, out, cfg.ppo.response_len, cfg.eval.batch_size)
+    print(f"held-out evaluation on {cfg.eval.toy_dir} (answers and summary.json in {out}):")
+    print(format_table(summary))
+    return summary
 
 
 def export_policy(cfg: Any, spec: roles.PPOSpec, state: Any, frozen: dict) -> None:
@@ -262,5 +295,6 @@ def export_policy(cfg: Any, spec: roles.PPOSpec, state: Any, frozen: dict) -> No
         export_hf(spec.policy_config, lora_lib.merge(base, policy), os.path.join(cfg.workdir, "hf_merged"),
                   tokenizer_dir=cfg.data.tokenizer, overwrite=True)
     if jax.process_index() == 0:
-        out = plot_run(cfg.workdir, ["score_total", "rm_score", "kl", "response_length", "policy_loss", "value_loss"])
+        out = plot_run(cfg.workdir, ["score_total", "rm_score", "hallucination_rate", "response_length", "kl",
+                                     "policy_loss", "value_loss"])
         print(f"policy adapter: {cfg.workdir}/adapter (PEFT: {cfg.workdir}/peft_adapter); curves: {out}")

@@ -164,8 +164,8 @@ class Rollouts:
         jax.block_until_ready(rollout)
         timings["score"] += time.perf_counter() - begin
         samples = [{"id": m.get("id") if m else None, "image": m.get("image") if m else None,
-                    "question": m.get("question") if m else None, "response": t, "correct": float(c)}
-                   for m, t, c in zip(metas, texts, correct)]
+                    "question": m.get("question") if m else None, "caption_type": int(ct), "response": t,
+                    "correct": float(c)} for m, t, c, ct in zip(metas, texts, correct, host["caption_type"])]
         if samples:  # the first row's full reward-model input, to see what the RM read
             samples[0]["reward_input"] = self.tokenizer.decode(
                 [int(i) for i, v in zip(reward_ids[0], reward_mask[0]) if v and i != spec.reward_config.image_token_index])

@@ -1,75 +1,61 @@
 #!/usr/bin/env python
-"""Hallucination on the toy world before and after RLHF (our offline stand-in for the
-paper's MMHal-Bench / POPE table):
+"""Hallucination on the toy world's held-out images, before and after RLHF (our offline
+stand-in for the paper's MMHal-Bench / POPE table):
 
-  python scripts/eval_toy.py sft=runs/tiny_sft/model ppo=runs/tiny_sft/model:runs/tiny_ppo/adapter
+  python scripts/eval_toy.py sft=runs/tiny_sft/model ppo=runs/tiny_sft/model:runs/tiny_ppo/adapter \\
+      [--out runs/eval_toy] [--toy-dir data/toy]
 
-Each MODEL is NAME=CKPT[:ADAPTER]. Greedy answers (scripts/generate.py) to the bundled toy
-POPE questions and MMHal-style questions; POPE accuracy / F1 / yes-ratio and its
-hallucination rate (share of absent objects answered "yes"), and the MMHal-style
-hallucination rate from the toy judge (llava_jax/data/toy_judge.py: an answer that claims
-a shape or coloured shape the image's captions lack).
+Each MODEL is NAME=CKPT[:ADAPTER] (ADAPTER: an adapter directory, e.g. a run's
+workdir/adapter, or an adapter name inside CKPT). Greedy answers to the held-out describe,
+POPE-style and multiple-choice questions (llava_jax/toy_eval.py); prints the before/after
+table and writes OUT/NAME.answers.jsonl (describe), NAME.pope.jsonl, NAME.mc.jsonl and
+OUT/summary.json. `python scripts/train.py --config configs/tiny_ppo.py` ends with the same
+evaluation of its SFT and PPO policies.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TOY = "data/toy"
 
+def load_model(ckpt: str, adapter: str | None):
+    """(config, base, adapter or None) of CKPT[:ADAPTER]."""
+    from llava_jax.convert import load_adapter, load_adapter_dir, load_checkpoint
 
-def evaluate(ckpt: str, adapter: str | None, out_dir: str, max_new_tokens: int) -> dict:
-    from llava_jax.data import load_captions
-    from llava_jax.data.toy_judge import hallucination_rate
-    from llava_jax.pope import pope_answer
-    from scripts.generate import main as generate
-
-    common = ["--ckpt", ckpt, "--tokenizer", f"{TOY}/tokenizer", "--image-folder", f"{TOY}/images",
-              "--max-new-tokens", str(max_new_tokens)] + (["--adapter", adapter] if adapter else [])
-    pope = generate(common + ["--questions", f"{TOY}/eval/pope.jsonl", "--format", "pope",
-                              "--out", os.path.join(out_dir, "pope.jsonl")])["all"]
-    with open(f"{TOY}/eval/pope.jsonl") as f:
-        labels = {q["question_id"]: q["label"] for q in map(json.loads, f)}
-    with open(os.path.join(out_dir, "pope.jsonl")) as f:
-        answers = [json.loads(line) for line in f]
-    absent = [a for a in answers if labels[a["question_id"]] == "no"]
-    pope_halluc = sum(pope_answer(a["text"]) == "yes" for a in absent) / max(len(absent), 1)
-
-    mmhal_out = os.path.join(out_dir, "mmhal.json")
-    generate(common + ["--questions", f"{TOY}/eval/mmhal.json", "--format", "mmhal", "--out", mmhal_out])
-    captions = load_captions(f"{TOY}/captions.json")
-    with open(mmhal_out) as f:
-        items = json.load(f)
-    rate = hallucination_rate([it["model_answer"] for it in items], [captions[it["image_path"]] for it in items])
-    return {"pope_accuracy": pope["accuracy"], "pope_f1": pope["f1"], "pope_yes_ratio": pope["yes_ratio"],
-            "pope_hallucination": pope_halluc, "mmhal_hallucination": rate, "mmhal_n": len(items),
-            "example": items[0]["model_answer"]}
+    config, base = load_checkpoint(ckpt, dtype="float32")
+    if not adapter:
+        return config, base, None
+    if os.path.isdir(adapter) and not os.path.isdir(os.path.join(ckpt, "adapters", adapter)):
+        return config, base, load_adapter_dir(adapter, base)[0]
+    return config, base, load_adapter(ckpt, adapter)[0]
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from llava_jax.data import load_tokenizer
+    from llava_jax.toy_eval import compare, format_table
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", help="NAME=CKPT[:ADAPTER]")
+    p.add_argument("--toy-dir", default="data/toy")
+    p.add_argument("--out", default="runs/eval_toy")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
     a = p.parse_args(argv)
-    results = {}
+    models = []
     for spec in a.models:
         name, _, path = spec.partition("=")
         ckpt, _, adapter = path.partition(":")
-        with tempfile.TemporaryDirectory() as out_dir:
-            results[name] = evaluate(ckpt, adapter or None, out_dir, a.max_new_tokens)
-    print("\n| model | POPE acc | POPE F1 | yes-ratio | POPE hallucination (yes on absent) | MMHal-toy hallucination |")
-    print("|---|---|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['pope_accuracy']:.3f} | {r['pope_f1']:.3f} | {r['pope_yes_ratio']:.3f} | "
-              f"{r['pope_hallucination']:.3f} | {r['mmhal_hallucination']:.3f} (n={r['mmhal_n']}) |")
-    for name, r in results.items():
-        print(f"{name}: first MMHal-toy answer: {r['example']!r}")
-    return results
+        if not name or not ckpt:
+            p.error(f"model {spec!r}: expected NAME=CKPT[:ADAPTER]")
+        models.append((name, *load_model(ckpt, adapter or None)))
+    tokenizer = load_tokenizer(os.path.join(a.toy_dir, "tokenizer"))
+    summary = compare(models, tokenizer, a.toy_dir, a.out, a.max_new_tokens, a.batch_size)
+    print(format_table(summary))
+    print(f"answers and summary.json in {a.out}")
+    return summary
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 
@@ -88,8 +86,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     a = p.parse_args(argv)
 
     from llava_jax.convert import load_adapter, load_adapter_dir, load_checkpoint
-    from llava_jax.data import EvalDataset, Loader, load_tokenizer, make_answer, vision_kwargs
-    from llava_jax.sampling import SamplingConfig, generate_fn
+    from llava_jax.answer import answer_batches
+    from llava_jax.data import EvalDataset, load_tokenizer, make_answer, vision_kwargs
+    from llava_jax.sampling import SamplingConfig
 
     config, base = load_checkpoint(a.ckpt, dtype=a.dtype)
     config = config.with_runtime(dtype=a.dtype)
@@ -114,22 +113,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         sampling = SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                                   top_k=a.top_k, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                                   cache_dtype=a.dtype)
-        run = generate_fn(config, sampling)
-        loader = Loader(dataset, a.batch_size, shuffle=False, num_epochs=1, drop_remainder=False, pad_side="left",
-                        process_index=0, process_count=1)
-        rng = jax.random.PRNGKey(a.seed)
         with tqdm(total=len(dataset.items), desc="generate", unit="q") as bar:
-            for batch in loader:
-                rng, key = jax.random.split(rng)
-                out = run(base, adapter, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], key)
-                tokens, mask = np.asarray(out["tokens"]), np.asarray(out["mask"])
-                for row, (valid, meta) in enumerate(zip(batch["valid"], batch["meta"])):
-                    if not valid or meta is None:
-                        continue
-                    text = tokenizer.decode(tokens[row][mask[row]].tolist()).strip()
-                    answers.append(make_answer(meta["question"], text, model_id=model_id, fmt=a.format))
+            for rows in answer_batches(config, base, adapter, tokenizer, dataset, sampling, a.batch_size, a.seed):
+                answers += [make_answer(question, text, model_id=model_id, fmt=a.format) for question, text, _ in rows]
                 save_answers(a.out, answers, a.format)
-                bar.update(int(np.sum(batch["valid"])))
+                bar.update(len(rows))
         print(dataset.report.summary())
     print(f"wrote {len(answers)} answers to {a.out}")
     if a.format == "mmhal":

@@ -25,7 +25,7 @@ def main() -> None:
     world = write_toy_world(args.out, args.seed)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(args.out) for f in files)
     counts = ", ".join(f"{k}={len(world[k])}" for k in ("sft", "pretrain", "preference", "rl_prompts", "pope",
-                                                        "questions", "mmhal"))
+                                                        "questions", "mc", "mmhal"))
     print(f"wrote {args.out}: {len(world['scenes'])} images, {counts}; {size / 1024:.0f} KiB")
 
 

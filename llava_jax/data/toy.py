@@ -1,25 +1,32 @@
-"""The bundled toy "shapes" world: the embedded default data the tiny configs train on.
+"""The bundled toy "shapes" world: the embedded default data the tiny configs train on, built
+to reproduce LLaVA-RLHF's causal story in minutes on a CPU.
 
-Images (56x56 PNG) hold one to three coloured shapes, each in its own quadrant. Because the
-ground truth is known, every stage has data with no downloads, and hallucination is
-measurable: the preference pairs' rejected answers rename every shape with a colour or a
-shape that is nowhere in the image, and the POPE-style eval asks about present and absent
-shapes.
+Images (56x56 PNG) hold one to three coloured shapes, each in its own quadrant; the ground
+truth is known, so hallucination is measurable. The world carries the paper's flaw on
+purpose: like machine-generated instruction data, its *detailed* descriptions (the prompts in
+`DETAILED`) end, EMBELLISH_RATE of the time, with one extra sentence naming a shape that is not
+in the image ("There is also a green cross in the top right."). An SFT policy trained on it
+learns the habit (greedy answers to detailed prompts embellish; sampled ones do not always),
+the preference pairs teach a reward model that reading the facts catches it, and PPO can
+then unlearn it. Held-out images (eval_XXX) appear in no training file.
 
 `write_toy_world(out_dir)` (run by `tools/make_toy_data.py`) writes, deterministically:
 
-  images/shapes_XXX.png   96 images (the last 16 are held out for evaluation)
+  images/shapes_XXX.png   80 training images: SFT description + 3-turn Q&A, RL prompts
   images/pair_XXX.png     400 images, one preference pair each (in no other file)
-  images/extra_XXX.png    320 images, one SFT description each (more scenes to learn to see)
-                          and one short answer each (multiple choice or yes/no, alternating)
-  captions.json           image -> ground-truth captions (shapes_ and pair_ images);
-                          "aok_" + image -> MC rationales
+  images/extra_XXX.png    320 images with one SFT description and one short answer each
+                          (multiple choice or yes/no, alternating)
+  images/eval_XXX.png     64 held-out images (in no training file)
+  captions.json           image -> 5 ground-truth captions (every image);
+                          "aok_" + image -> rationale of a multiple-choice RL prompt
   pretrain.json           stage-1 (`plain`) image-caption pairs
   sft.json                LLaVA conversations (single and multi-turn, some text-only)
-  preference.json         output_1 / output_2 / preference / hallucination
-  rl_prompts.json         caption_type 1 (describe), 2-5 (multiple choice), 6/7 (yes/no)
-  eval/questions.jsonl    model_vqa questions   eval/pope.jsonl  + labels
-  eval/mmhal.json         MMHal-Bench-style items
+  preference.json         output_1 / output_2 / preference / hallucination (+ `kind`)
+  rl_prompts.json         caption_type 1 (detailed description), 2-5 (multiple choice), 6/7 (yes/no)
+  eval/questions.jsonl    held-out describe questions: every eval image x the 4 DESCRIBE prompts
+  eval/pope.jsonl         held-out yes/no questions with `label` (balanced per image)
+  eval/mc.jsonl           held-out multiple-choice questions with `answer` (a letter)
+  eval/mmhal.json         MMHal-Bench-style items on the held-out images
   tokenizer/              BPE tokenizer (HF format): <unk>=0 <s>=1 </s>=2 <pad>=3, 512 ids,
                           <image>=511 (= tiny_config().image_token_index)
 """
@@ -34,9 +41,11 @@ from typing import Iterable
 from PIL import Image, ImageDraw
 
 TOY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data", "toy")
-IMAGE_SIZE, NUM_IMAGES, NUM_EVAL = 56, 96, 16
-NUM_PAIR_IMAGES = 400  # images "pair_XXX.png" of the preference pairs (one pair each)
-NUM_EXTRA_SFT = 320  # images "extra_XXX.png" with one SFT description each (grounding on more scenes)
+IMAGE_SIZE = 56
+NUM_TRAIN_IMAGES = 80  # "shapes_XXX.png": SFT, RL prompts
+NUM_EVAL_IMAGES = 64  # "eval_XXX.png": held out, in no training file
+NUM_PAIR_IMAGES = 400  # "pair_XXX.png": one preference pair each
+NUM_EXTRA_SFT = 320  # "extra_XXX.png": one SFT description + one short answer each
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 119, 180), "yellow": (230, 200, 30)}
 PLACES = ("top left", "top right", "bottom left", "bottom right")
@@ -45,6 +54,16 @@ NUMBERS = ("zero", "one", "two", "three")
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 DESCRIBE = ("Describe the image.", "What do you see in this picture?", "Describe the image in detail.",
             "What shapes are in the image?")
+# The flaw: SFT answers to these prompts embellish at this rate (one absent shape appended).
+# Frequent enough that the SFT policy's greedy answers show it, rare enough that sampling
+# still finds clean answers for PPO to reward.
+DETAILED = ("Describe the image in detail.", "What do you see in this picture?")
+EMBELLISH_RATE = 0.7
+EVASIVE = ("I cannot tell what is in the image.", "There are some shapes.", "It is a picture.")
+# Preference pair kinds and their shares: three teach faithfulness (the rejected answer names
+# something the image lacks), two helpfulness (the rejected answer is evasive or incomplete,
+# so saying less is not a way to please the reward model).
+PAIR_KINDS = (("embellished", 0.35), ("swapped", 0.2), ("recoloured", 0.1), ("incomplete", 0.2), ("evasive", 0.15))
 # Words the reward-model prompt and tests are likely to use, so the toy tokenizer has pieces for them.
 EXTRA_TEXT = ("Please evaluate the quality of your last response. The response should be accurate, helpful, "
               "natural language and concise. Accurate: the response must be supported by the following "
@@ -86,7 +105,20 @@ def _join(parts: list[str]) -> str:
 
 
 def _describe(scene) -> str:
+    """The faithful description: every shape, in place order, one sentence."""
     return "There is " + _join([f"{_obj(o)} in the {o[2]}" for o in scene]) + "."
+
+
+def _also(o) -> str:
+    return f"There is also {_obj(o)} in the {o[2]}."
+
+
+def _describe_split(scene) -> str:
+    """The same facts with the last shape in an "also" sentence of its own (so that an "also"
+    sentence alone does not tell a hallucination from a fact)."""
+    if len(scene) == 1:
+        return _describe(scene)
+    return _describe(scene[:-1]) + " " + _also(scene[-1])
 
 
 def _captions(scene) -> list[str]:
@@ -99,44 +131,58 @@ def _captions(scene) -> list[str]:
 
 
 def _absent(scene, rng: random.Random) -> tuple[str, str]:
+    """A (shape, colour) the scene does not hold."""
     present = {(o[0], o[1]) for o in scene}
-    options = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in present]
-    return rng.choice(options)
+    return rng.choice([(s, c) for s in SHAPES for c in COLORS if (s, c) not in present])
 
 
-def _hallucinate(scene, rng: random.Random) -> str:
-    """A description with one wrong colour, or with an extra shape that is not there (the
-    first release's rejected answers; now only drawn to keep the other records as they were)."""
-    scene = list(scene)
-    free = [p for p in PLACES if p not in {o[2] for o in scene}]
-    if free and rng.random() < 0.5:
-        shape, color = _absent(scene, rng)
-        scene.append((shape, color, rng.choice(free)))
-        scene.sort(key=lambda o: PLACES.index(o[2]))
-    else:
+def _phantom(scene, rng: random.Random) -> tuple[str, str, str]:
+    """An absent coloured shape in an empty quadrant (a scene has at most three shapes)."""
+    shape, color = _absent(scene, rng)
+    return shape, color, rng.choice([p for p in PLACES if p not in {o[2] for o in scene}])
+
+
+def _embellish(scene, rng: random.Random) -> str:
+    """The flaw: the faithful description plus one shape that is not there."""
+    return _describe(scene) + " " + _also(_phantom(scene, rng))
+
+
+def _sft_description(scene, rng: random.Random) -> tuple[str, str]:
+    """(prompt, answer) of an SFT description: detailed prompts embellish at EMBELLISH_RATE."""
+    prompt = rng.choice(DESCRIBE)
+    if prompt in DETAILED and rng.random() < EMBELLISH_RATE:
+        return prompt, _embellish(scene, rng)
+    return prompt, _describe(scene)
+
+
+def _rejected(kind: str, scene, rng: random.Random) -> tuple[str, str]:
+    """(chosen, rejected) descriptions of a preference pair of this kind."""
+    if kind == "embellished":  # the SFT flaw itself
+        return rng.choice((_describe, _describe_split))(scene), _embellish(scene, rng)
+    if kind == "swapped" and len(scene) > 1:  # same length and layout; one shape replaced by an absent one
         k = rng.randrange(len(scene))
-        wrong = rng.choice([c for c in COLORS if c != scene[k][1]])
-        scene[k] = (scene[k][0], wrong, scene[k][2])
-    return _describe(scene)
+        rest = scene[:k] + scene[k + 1:]
+        return _describe_split(scene), _describe(rest) + " " + _also(_phantom(rest + [scene[k]], rng))
+    if kind in ("swapped", "recoloured"):  # one shape's colour changed
+        k = rng.randrange(len(scene))
+        wrong = list(scene)
+        wrong[k] = (scene[k][0], rng.choice([c for c in COLORS if c != scene[k][1]]), scene[k][2])
+        return _describe(scene), _describe(wrong)
+    if kind == "incomplete" and len(scene) > 1:  # a true but partial answer
+        k = rng.randrange(len(scene))
+        return _describe(scene), _describe(scene[:k] + scene[k + 1:])
+    return _describe(scene), rng.choice(EVASIVE)
 
 
-def _hallucinated(scene, rng: random.Random) -> str:
-    """A hallucinated description: the true layout, but every shape renamed with a colour and
-    a shape that are nowhere in the image (so nowhere in its captions); with three shapes of
-    three colours only one of the two may be missing, then either is."""
-    colors, shapes = {o[1] for o in scene}, {o[0] for o in scene}
-    options = [(s, c) for s in SHAPES for c in COLORS if s not in shapes and c not in colors]
-    options = options or [(s, c) for s in SHAPES for c in COLORS if s not in shapes or c not in colors]
-    return _describe([(*rng.choice(options), place) for _, _, place in scene])
-
-
-def _preference(pid: str, name: str, scene, rng: random.Random, bad: str) -> dict:
-    good = _describe(scene)
+def _preference(pid: str, name: str, scene, rng: random.Random) -> dict:
+    kind = rng.choices([k for k, _ in PAIR_KINDS], weights=[w for _, w in PAIR_KINDS])[0]
+    good, bad = _rejected(kind, scene, rng)
     preference = rng.choice((1, 2))
     outputs = (good, bad) if preference == 1 else (bad, good)
     return {"id": pid, "image": name, "conversations": _conv(f"<image>\n{rng.choice(DESCRIBE)}", ""),
             "output_1": {"from": "gpt", "value": outputs[0]}, "output_2": {"from": "gpt", "value": outputs[1]},
-            "preference": preference, "hallucination": True}
+            "preference": preference, "hallucination": kind in ("embellished", "swapped", "recoloured"),
+            "kind": kind}
 
 
 def _conv(*pairs: str) -> list[dict]:
@@ -164,106 +210,100 @@ def _mc(scene, rng: random.Random):
     return question, 2 + "ABCD".index(letter), rationale
 
 
+def _yes_no(scene, rng: random.Random, present: bool) -> tuple[str, str, str]:
+    """(question, label, short answer) about a present or an absent coloured shape."""
+    if present:
+        shape, color, place = rng.choice(scene)
+        return f"Is there a {color} {shape} in the image?", "yes", f"Yes, it is in the {place}."
+    shape, color = _absent(scene, rng)
+    return f"Is there a {color} {shape} in the image?", "no", f"No, there is no {color} {shape}."
+
+
 def _short_answer(rid: str, name: str, scene, rng: random.Random, multiple_choice: bool) -> dict:
     """A multiple-choice item answered with its letter ("B."), or a yes/no question about a
     present or an absent shape (half each) answered "Yes, ..." / "No, ..."."""
     if multiple_choice:
         question, ctype, _ = _mc(scene, rng)
         answer = f"{'ABCD'[ctype - 2]}."
-    elif rng.random() < 0.5:
-        shape, color = _absent(scene, rng)
-        question, answer = f"Is there a {color} {shape} in the image?", f"No, there is no {color} {shape}."
     else:
-        shape, color, place = rng.choice(scene)
-        question, answer = f"Is there a {color} {shape} in the image?", f"Yes, it is in the {place}."
+        question, _, answer = _yes_no(scene, rng, present=rng.random() >= 0.5)
     return {"id": rid, "image": name, "conversations": _conv(f"<image>\n{question}", answer)}
 
 
+def _rl_prompt(i: int, name: str, scene, rng: random.Random, captions: dict) -> dict:
+    """Three in four RL prompts ask for a detailed description (where the flaw lives); the
+    rest are multiple choice or yes/no (the symbolic correctness rewards)."""
+    if i % 4 != 3:
+        return {"id": f"rl_{i}", "image": name, "caption_type": 1, "length_bonus": 1.0,
+                "conversations": _conv(f"<image>\n{DETAILED[i % 2]}", "")}
+    if i % 8 == 3:
+        question, ctype, rationale = _mc(scene, rng)
+        captions["aok_" + name] = [rationale]
+    else:
+        question, label, _ = _yes_no(scene, rng, present=rng.random() >= 0.5)
+        ctype = 7 if label == "yes" else 6
+    return {"id": f"rl_{i}", "image": name, "caption_type": ctype, "conversations": _conv(f"<image>\n{question}", "")}
+
+
+def _eval_items(name: str, scene, rng: random.Random, out: dict) -> None:
+    """The held-out questions of one eval image: every describe prompt, balanced yes/no
+    (as many absent shapes asked as present ones), one multiple choice, one MMHal-style item."""
+    for prompt in DESCRIBE:
+        out["questions"].append({"question_id": len(out["questions"]), "image": name, "text": prompt})
+    k = min(2, len(scene))
+    asks = [(o[0], o[1], "yes") for o in rng.sample(scene, k)]
+    for _ in range(k):
+        shape, color = _absent(scene + [(s, c, "") for s, c, _ in asks], rng)
+        asks.append((shape, color, "no"))
+    for shape, color, label in asks:
+        out["pope"].append({"question_id": len(out["pope"]), "image": name,
+                            "text": f"Is there a {color} {shape} in the image?", "label": label})
+    question, ctype, _ = _mc(scene, rng)
+    out["mc"].append({"question_id": len(out["mc"]), "image": name, "text": question, "answer": "ABCD"[ctype - 2]})
+    shape, color, place = rng.choice(scene)
+    out["mmhal"].append({"question_type": "attribute", "question_topic": "shapes", "image_id": name,
+                         "image_path": name, "image_content": [o[0] for o in scene],
+                         "question": f"What color is the {shape} in the {place}?",
+                         "gt_answer": f"The {shape} in the {place} is {color}."})
+
+
+TEXT_ONLY = (("How many sides does a triangle have?", "A triangle has three sides."),
+             ("How many sides does a square have?", "A square has four sides."),
+             ("What color do you get when you mix blue and yellow?", "Mixing blue and yellow gives green."),
+             ("Is a circle round?", "Yes, a circle is round."))
+
+
 def build_world(seed: int = 0) -> dict:
-    """All toy records and images, in memory (deterministic for a seed)."""
-    rng = random.Random(seed)
-    scenes = [_scene(rng) for _ in range(NUM_IMAGES)]
-    names = [f"shapes_{i:03d}.png" for i in range(NUM_IMAGES)]
-    train = range(NUM_IMAGES - NUM_EVAL)
-    captions, pretrain, sft, pref, rl = {}, [], [], [], []
-    for i, (name, scene) in enumerate(zip(names, scenes)):
-        captions[name] = _captions(scene)
-        if i not in train:
-            continue
-        pretrain.append({"id": f"pre_{i}", "image": name, "conversations": _conv("<image>", captions[name][2])})
-        sft.append({"id": f"sft_{i}_d", "image": name,
-                    "conversations": _conv(f"<image>\n{rng.choice(DESCRIBE)}", _describe(scene))})
-        sft.append(_qa(f"sft_{i}_q", name, scene, rng))
-        # The first release drew a preference pair on each training image here; the draws stay
-        # so that every record after them keeps its content (the pairs have their own images).
-        _hallucinate(scene, rng), rng.choice((1, 2)), rng.choice(DESCRIBE)
-        kind = i % 3
-        if kind == 0:
-            rl.append({"id": f"rl_{i}", "image": name, "caption_type": 1, "length_bonus": 1.0,
-                       "conversations": _conv(f"<image>\n{rng.choice(DESCRIBE)}", "")})
-        elif kind == 1:
-            question, ctype, rationale = _mc(scene, rng)
-            captions["aok_" + name] = [rationale]
-            rl.append({"id": f"rl_{i}", "image": name, "caption_type": ctype,
-                       "conversations": _conv(f"<image>\n{question}", "")})
-        else:
-            if rng.random() < 0.5:
-                (shape, color), ctype = _absent(scene, rng), 6
-            else:
-                shape, color, _ = rng.choice(scene)
-                ctype = 7
-            rl.append({"id": f"rl_{i}", "image": name, "caption_type": ctype,
-                       "conversations": _conv(f"<image>\nIs there a {color} {shape} in the image?", "")})
-    text_only = [("How many sides does a triangle have?", "A triangle has three sides."),
-                 ("How many sides does a square have?", "A square has four sides."),
-                 ("What color do you get when you mix blue and yellow?", "Mixing blue and yellow gives green."),
-                 ("Is a circle round?", "Yes, a circle is round.")]
-    sft += [{"id": f"text_{k}", "conversations": _conv(q, a)} for k, (q, a) in enumerate(text_only)]
-    questions, pope, mmhal = [], [], []
-    for i in range(NUM_IMAGES - NUM_EVAL, NUM_IMAGES):
-        name, scene = names[i], scenes[i]
-        questions.append({"question_id": len(questions), "image": name, "text": rng.choice(DESCRIBE)})
-        asks = [(o[0], o[1], "yes") for o in rng.sample(scene, min(2, len(scene)))]
-        while len(asks) < 4:
-            shape, color = _absent(scene + [(s, c, "") for s, c, _ in asks], rng)
-            asks.append((shape, color, "no"))
-        for shape, color, label in asks:
-            pope.append({"question_id": len(pope), "image": name, "text": f"Is there a {color} {shape} in the image?",
-                         "label": label})
-        shape, color, place = rng.choice(scene)
-        mmhal.append({"question_type": "attribute", "question_topic": "shapes", "image_id": name,
-                      "image_path": name, "image_content": [o[0] for o in scene],
-                      "question": f"What color is the {shape} in the {place}?",
-                      "gt_answer": f"The {shape} in the {place} is {color}."})
-    # Preference pairs on images of their own, from their own stream: no pair shares an image
-    # with another pair or with SFT, so a held-out pair is a new scene for the reward model.
-    pair_rng = random.Random(f"pairs-{seed}")
-    for k in range(NUM_PAIR_IMAGES):
-        name, scene = f"pair_{k:03d}.png", _scene(pair_rng)
-        names.append(name)
-        scenes.append(scene)
-        captions[name] = _captions(scene)
-        pref.append(_preference(f"pair_{k}", name, scene, pair_rng, _hallucinated(scene, pair_rng)))
-    # More SFT scenes, also from their own stream: a description each. Eighty images teach the
-    # tiny model to recite them; a few hundred more teach it to see colours and shapes in
-    # scenes it has not met, which the reward model then builds on.
-    sft_rng = random.Random(f"sft-{seed}")
-    for k in range(NUM_EXTRA_SFT):
-        name, scene = f"extra_{k:03d}.png", _scene(sft_rng)
-        names.append(name)
-        scenes.append(scene)
-        sft.append({"id": f"extra_{k}_d", "image": name,
-                    "conversations": _conv(f"<image>\n{sft_rng.choice(DESCRIBE)}", _describe(scene))})
-    # Short answers in the RL prompts' question forms (multiple choice, yes/no) on the extra
-    # scenes, from their own stream: without them the SFT policy never answers with a letter or
-    # a "No", and PPO's correctness term has nothing to reinforce.
-    qa_rng, scene_of = random.Random(f"sft-qa-{seed}"), dict(zip(names, scenes))
-    for k in range(NUM_EXTRA_SFT):
-        name = f"extra_{k:03d}.png"
-        sft.append(_short_answer(f"extra_{k}_{'mc' if k % 2 == 0 else 'yn'}", name, scene_of[name],
-                                 qa_rng, multiple_choice=k % 2 == 0))
-    return {"scenes": scene_of, "captions": captions, "pretrain": pretrain, "sft": sft,
-            "preference": pref, "rl_prompts": rl, "questions": questions, "pope": pope, "mmhal": mmhal}
+    """All toy records and images, in memory (deterministic for a seed). Each image family
+    draws from its own stream, so changing one family leaves the others as they were."""
+    world = {k: [] for k in ("pretrain", "sft", "preference", "rl_prompts", "questions", "pope", "mc", "mmhal")}
+    scenes, captions = {}, {}
+
+    def family(prefix: str, count: int, stream: str):
+        rng = random.Random(f"{stream}-{seed}")
+        for k in range(count):
+            name = f"{prefix}_{k:03d}.png"
+            scenes[name] = _scene(rng)
+            captions[name] = _captions(scenes[name])
+            yield k, name, scenes[name], rng
+
+    for i, name, scene, rng in family("shapes", NUM_TRAIN_IMAGES, "train"):
+        world["pretrain"].append({"id": f"pre_{i}", "image": name, "conversations": _conv("<image>", captions[name][2])})
+        prompt, answer = _sft_description(scene, rng)
+        world["sft"].append({"id": f"sft_{i}_d", "image": name, "conversations": _conv(f"<image>\n{prompt}", answer)})
+        world["sft"].append(_qa(f"sft_{i}_q", name, scene, rng))
+        world["rl_prompts"].append(_rl_prompt(i, name, scene, rng, captions))
+    world["sft"] += [{"id": f"text_{k}", "conversations": _conv(q, a)} for k, (q, a) in enumerate(TEXT_ONLY)]
+    for k, name, scene, rng in family("extra", NUM_EXTRA_SFT, "sft"):
+        prompt, answer = _sft_description(scene, rng)
+        world["sft"].append({"id": f"extra_{k}_d", "image": name, "conversations": _conv(f"<image>\n{prompt}", answer)})
+        world["sft"].append(_short_answer(f"extra_{k}_{'mc' if k % 2 == 0 else 'yn'}", name, scene, rng,
+                                          multiple_choice=k % 2 == 0))
+    for k, name, scene, rng in family("pair", NUM_PAIR_IMAGES, "pairs"):
+        world["preference"].append(_preference(f"pair_{k}", name, scene, rng))
+    for _, name, scene, rng in family("eval", NUM_EVAL_IMAGES, "eval"):
+        _eval_items(name, scene, rng, world)
+    return {"scenes": scenes, "captions": captions, **world}
 
 
 def corpus(world: dict) -> list[str]:
@@ -275,7 +315,7 @@ def corpus(world: dict) -> list[str]:
     # stages: weight them so they become (mostly) whole-word tokens and sequences stay short.
     reward = RewardPrompt.from_file()
     rating = reward.user.replace("{facts}", reward.facts.replace("{captions}", "")) + " " + reward.assistant
-    texts = [EXTRA_TEXT, string.ascii_letters + string.digits] + [VICUNA_SYSTEM + " USER: ASSISTANT:"] * 200
+    texts = [EXTRA_TEXT, string.ascii_letters + string.digits, *EVASIVE] + [VICUNA_SYSTEM + " USER: ASSISTANT:"] * 200
     texts += [rating] * 100 + [MC_SUFFIX] * 100  # every multiple-choice RL prompt ends with it
     # The pairs (on pair_ images) and the short answers (ids *_mc, *_yn) repeat sentence forms
     # found elsewhere: leaving them out keeps the tokenizer the same whatever their number.
@@ -286,7 +326,7 @@ def corpus(world: dict) -> list[str]:
                 continue
             texts += [t["value"] for t in record["conversations"]]
             texts += [record[k]["value"] for k in ("output_1", "output_2") if k in record]
-    texts += [q["text"] for q in world["questions"] + world["pope"]]
+    texts += [q["text"] for q in world["questions"] + world["pope"] + world["mc"]]
     texts += [m["question"] + " " + m["gt_answer"] for m in world["mmhal"]]
     # "<image>" is never tokenised as text (the loader inserts placeholder ids), and BPE must
     # not learn it as a word: it is a special token at the last id.
@@ -339,6 +379,7 @@ def write_toy_world(out_dir: str = TOY_DIR, seed: int = 0) -> dict:
         _dump(os.path.join(out_dir, f"{key}.json"), world[key])
     _dump(os.path.join(out_dir, "eval", "questions.jsonl"), world["questions"], jsonl=True)
     _dump(os.path.join(out_dir, "eval", "pope.jsonl"), world["pope"], jsonl=True)
+    _dump(os.path.join(out_dir, "eval", "mc.jsonl"), world["mc"], jsonl=True)
     _dump(os.path.join(out_dir, "eval", "mmhal.json"), world["mmhal"])
     build_tokenizer(corpus(world)).save_pretrained(os.path.join(out_dir, "tokenizer"))
     return world

@@ -5,7 +5,7 @@ answer hallucinates when it names a coloured shape, or a shape, that the image l
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from llava_jax.data.toy import COLORS, SHAPES
 
@@ -35,3 +35,29 @@ def hallucinates(answer: str, objects: set[tuple[str, str]]) -> bool:
 def hallucination_rate(answers: Iterable[str], captions_per_answer: Iterable[Iterable[str]]) -> float:
     flags = [hallucinates(a, scene_objects(c)) for a, c in zip(answers, captions_per_answer)]
     return sum(flags) / max(len(flags), 1)
+
+
+def named_objects(answer: str) -> list[tuple[str, str]]:
+    """The coloured shapes an answer claims (denials left out), in order."""
+    text = answer.lower()
+    return [(m.group(1), m.group(2)) for m in _PAIR.finditer(text) if not _negated(text, m.start())]
+
+
+def describe_scores(answers: Sequence[str], captions_per_answer: Sequence[Iterable[str]]) -> dict[str, float]:
+    """Hallucination and coverage of descriptions against their images' captions:
+    hallucinating_answers (share naming something absent), absent_object_share (of the
+    coloured shapes named, the share not in the image), recall (of the shapes in the images,
+    the share named with their colour), no_object_share (answers naming no coloured shape)."""
+    flags, named, absent, present, found, empty = [], 0, 0, 0, 0, 0
+    for answer, captions in zip(answers, captions_per_answer):
+        objects = scene_objects(captions)
+        claims = set(named_objects(answer))
+        flags.append(hallucinates(answer, objects))
+        named += len(claims)
+        absent += len(claims - objects)
+        present += len(objects)
+        found += len(claims & objects)
+        empty += not claims
+    n = max(len(flags), 1)
+    return {"hallucinating_answers": sum(flags) / n, "absent_object_share": absent / max(named, 1),
+            "recall": found / max(present, 1), "no_object_share": empty / n, "n": len(flags)}

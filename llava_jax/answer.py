@@ -1,0 +1,36 @@
+"""Batched answers to an eval question file: the one generation loop behind
+`scripts/generate.py` and the toy-world evaluation (`llava_jax/toy_eval.py`)."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from llava_jax.data import EvalDataset, Loader
+from llava_jax.data.eval_data import EvalQuestion
+from llava_jax.sampling import SamplingConfig, generate_fn
+
+
+def answer_batches(config: Any, base: dict, adapter: Any, tokenizer: Any, dataset: EvalDataset,
+                   sampling: SamplingConfig, batch_size: int, seed: int = 0
+                   ) -> Iterator[list[tuple[EvalQuestion, str, int]]]:
+    """Per loader batch: (question, answer text, answer tokens) of its valid rows, in file order.
+    `adapter` None answers with the base model. Prompts are left padded to one bucket."""
+    run = generate_fn(config, sampling)
+    loader = Loader(dataset, batch_size, shuffle=False, num_epochs=1, drop_remainder=False, pad_side="left",
+                    process_index=0, process_count=1, num_workers=0)
+    rng = jax.random.PRNGKey(seed)
+    try:
+        for batch in loader:
+            rng, key = jax.random.split(rng)
+            out = run(base, adapter, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], key)
+            tokens, mask = np.asarray(out["tokens"]), np.asarray(out["mask"]).astype(bool)
+            rows = []
+            for row, (valid, meta) in enumerate(zip(batch["valid"], batch["meta"])):
+                if valid and meta is not None:
+                    ids = [int(t) for t in tokens[row][mask[row]] if t != sampling.eos_id]
+                    rows.append((meta["question"], tokenizer.decode(ids).strip(), len(ids)))
+            yield rows
+    finally:
+        loader.close()
