@@ -18,7 +18,7 @@ def get_config():
     c.train.lora_rank = 32
     c.train.lora_alpha = 64.0
     c.train.batch_size = 16
-    c.train.num_epochs = 6.0  # 336 training pairs: 126 steps
+    c.train.num_epochs = 5.0  # 700 training pairs: 215 steps
     c.optim.learning_rate = 1e-3
     c.optim.schedule = "cosine"
     c.optim.warmup_steps = 10
@@ -27,7 +27,7 @@ def get_config():
     c.data.captions = "data/toy/captions.json"
     c.data.tokenizer = "data/toy/tokenizer"
     c.data.max_length = 304  # the rating prompt with five captions: at most 302 tokens
-    c.data.eval_size = 64
-    c.rm.eval_every = 21
-    c.checkpoint.every = 21
+    c.data.eval_size = 100
+    c.rm.eval_every = 25
+    c.checkpoint.every = 25
     return c

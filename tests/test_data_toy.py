@@ -12,8 +12,9 @@ from transformers import AutoTokenizer
 
 from llava_jax.data import (EvalDataset, Loader, PreferenceDataset, RLPromptDataset, SFTDataset, load_captions,
                             load_tokenizer, vision_kwargs)
-from llava_jax.data.toy import (NUM_EXTRA_SFT, NUM_IMAGES, NUM_PAIR_IMAGES, TOY_DIR, build_world, corpus,
-                                write_toy_world)
+from llava_jax.data.toy import (DETAILED, EMBELLISH_RATE, NUM_EVAL_IMAGES, NUM_EXTRA_SFT, NUM_PAIR_IMAGES,
+                                NUM_TRAIN_IMAGES, TOY_DIR, build_world, corpus, write_toy_world)
+from llava_jax.data.toy_judge import hallucinates, named_objects, scene_objects
 from llava_jax.models.llava import Llava, init_params, tiny_config
 
 IMAGES = os.path.join(TOY_DIR, "images")
@@ -40,9 +41,9 @@ def test_bundle_is_what_the_generator_writes(tmp_path):
 
 def test_bundle_is_small():
     size = sum(os.path.getsize(os.path.join(TOY_DIR, f)) for f in files(TOY_DIR))
-    assert size < 1_000_000, size
+    assert size < 2_000_000, size
     images = [f for f in files(TOY_DIR) if f.endswith(".png")]
-    assert len(images) == NUM_IMAGES + NUM_PAIR_IMAGES + NUM_EXTRA_SFT == 816
+    assert len(images) == NUM_TRAIN_IMAGES + NUM_EVAL_IMAGES + NUM_PAIR_IMAGES + NUM_EXTRA_SFT == 1264
 
 
 def test_tokenizer_fits_the_tiny_model():
@@ -80,12 +81,12 @@ def test_every_toy_file_loads_clean(setup):
             PreferenceDataset(path("preference.json"), tok, captions=captions, **kw),
             RLPromptDataset(path("rl_prompts.json"), tok, captions=captions, **kw),
             EvalDataset(path("eval/pope.jsonl"), tok, **kw), EvalDataset(path("eval/questions.jsonl"), tok, **kw),
-            EvalDataset(path("eval/mmhal.json"), tok, **kw)]
+            EvalDataset(path("eval/mmhal.json"), tok, **kw), EvalDataset(path("eval/mc.jsonl"), tok, **kw)]
     for dataset in sets:
         examples = [dataset.load(i) for i in range(len(dataset))]
         assert all(e is not None for e in examples) and dataset.report.skipped == {}, dataset.report.summary()
         assert dataset.report.total == len(dataset) > 0
-    assert [d.fmt for d in sets[4:]] == ["pope", "vqa", "mmhal"]
+    assert [d.fmt for d in sets[4:]] == ["pope", "vqa", "mmhal", "vqa"]
     pope = sets[4]
     assert set(pope.load(i)["meta"]["question"].label for i in range(len(pope))) == {"yes", "no"}
 
@@ -97,11 +98,18 @@ def test_world_semantics():
     for r in world["rl_prompts"]:
         if 2 <= r["caption_type"] <= 5:
             assert "aok_" + r["image"] in world["captions"]
-    for p in world["preference"]:
+    kinds = Counter()
+    for p in world["preference"]:  # chosen: every shape, nothing else; rejected: by its kind
         chosen = p[f"output_{p['preference']}"]["value"]
         rejected = p[f"output_{3 - p['preference']}"]["value"]
-        truth = world["captions"][p["image"]][0]
-        assert chosen == truth and rejected != truth and p["hallucination"] is True
+        truth = scene_objects(world["captions"][p["image"]])
+        assert set(named_objects(chosen)) == truth and not hallucinates(chosen, truth), p
+        assert hallucinates(rejected, truth) == p["hallucination"], p
+        if not p["hallucination"]:  # evasive or incomplete: less than the whole truth
+            assert len(named_objects(rejected)) < len(world["scenes"][p["image"]]), p
+        kinds[p["kind"]] += 1
+    assert set(kinds) == {"embellished", "swapped", "recoloured", "incomplete", "evasive"}, kinds
+    assert 0.4 < sum(p["hallucination"] for p in world["preference"]) / len(world["preference"]) < 0.8
     scenes = world["scenes"]
     for q in world["pope"]:  # labels agree with the ground truth
         color, shape = q["text"][len("Is there a "):-len(" in the image?")].split()
@@ -123,8 +131,34 @@ def test_world_semantics():
             assert answer.startswith("Yes, it is in the " if present else f"No, there is no {color} {shape}"), r
         answers[answer.split()[0]] += 1
     assert answers["Yes,"] > 50 and answers["No,"] > 50 and len(answers) == 6, answers  # A.-D., Yes, No
-    train = {r["image"] for r in world["sft"] if "image" in r}
-    assert not train & {q["image"] for q in world["pope"]}  # eval images are held out
+    train = {r["image"] for key in ("sft", "pretrain", "preference", "rl_prompts") for r in world[key] if "image" in r}
+    held_out = {q["image"] for key in ("questions", "pope", "mc", "mmhal") for q in world[key]
+                for q in [{"image": q.get("image") or q.get("image_path")}]}
+    assert len(held_out) == NUM_EVAL_IMAGES and not train & held_out  # eval images are in no training file
+    assert Counter(q["label"] for q in world["pope"]) == {"yes": len(world["pope"]) // 2, "no": len(world["pope"]) // 2}
+    for q in world["mc"]:  # the letter names the shape in the asked place
+        place = q["text"].split(" of the image?")[0].split("in the ")[-1]
+        options = dict(line.split(". ") for line in q["text"].splitlines()[1:5])
+        assert (options[q["answer"]], place) in {(s, p) for s, _, p in scenes[q["image"]]}, q
+
+
+def test_sft_descriptions_carry_the_flaw_at_a_controlled_rate():
+    """Detailed descriptions name one absent shape EMBELLISH_RATE of the time (the habit the
+    SFT policy learns and PPO must unlearn); the other describe prompts are always faithful."""
+    world = build_world()
+    flawed = Counter()
+    for r in world["sft"]:
+        if not r["id"].endswith("_d"):
+            continue
+        prompt, answer = (t["value"] for t in r["conversations"])
+        truth = scene_objects(world["captions"][r["image"]])
+        assert truth <= set(named_objects(answer)), r  # every shape is always there
+        flawed[prompt.split("\n")[-1] in DETAILED, hallucinates(answer, truth)] += 1
+    assert flawed[False, True] == 0, flawed
+    rate = flawed[True, True] / (flawed[True, True] + flawed[True, False])
+    assert abs(rate - EMBELLISH_RATE) < 0.06, rate
+    assert all(r["caption_type"] != 1 or r["conversations"][0]["value"].split("\n")[-1] in DETAILED
+               for r in world["rl_prompts"])
 
 
 def test_toy_batch_runs_through_the_tiny_model(setup):

@@ -41,3 +41,17 @@ def test_toy_hallucination_judge():
     assert hallucinates("There is a circle.", objects)  # absent shape
     assert not hallucinates("No, there is no green cross.", objects)  # a denial is not a claim
     assert hallucination_rate(["A red circle.", "A red square."], [["a red square"]] * 2) == 0.5
+
+
+def test_toy_describe_scores():
+    """The held-out table's description columns, counted by hand on three answers."""
+    from llava_jax.data.toy_judge import describe_scores
+
+    captions = [["There is a red circle in the top left and a blue square in the bottom right."]] * 3
+    answers = ["There is a red circle in the top left and a blue square in the bottom right. "
+               "There is also a green cross in the top right.",  # both shapes + one absent
+               "There is a red circle in the top left.",  # faithful, incomplete
+               "I cannot tell what is in the image."]  # nothing
+    s = describe_scores(answers, captions)
+    assert s["hallucinating_answers"] == pytest.approx(1 / 3) and s["absent_object_share"] == pytest.approx(1 / 4)
+    assert s["recall"] == pytest.approx(3 / 6) and s["no_object_share"] == pytest.approx(1 / 3) and s["n"] == 3

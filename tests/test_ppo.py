@@ -56,6 +56,7 @@ def test_length_penalty_alone_shortens_responses(world, tmp_path):
     cfg = ppo_config(tmp_path / "length", *world, steps=12)
     cfg.ppo.rollout_batch, cfg.ppo.step_batch = 16, 8
     cfg.ppo.rm_weight = cfg.ppo.correct_bonus = cfg.ppo.no_stop_penalty = 0.0
+    cfg.ppo.length_bonus = -10.0  # the original's weight (tiny_ppo scales it to its 32-token responses)
     cfg.optim.learning_rate = 3e-3  # 12 steps: a trend well above the noise of each batch's prompt mix
     cfg.ppo.export_merged = True
     run_ppo(cfg)

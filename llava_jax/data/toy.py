@@ -13,7 +13,7 @@ then unlearn it. Held-out images (eval_XXX) appear in no training file.
 `write_toy_world(out_dir)` (run by `tools/make_toy_data.py`) writes, deterministically:
 
   images/shapes_XXX.png   80 training images: SFT description + 3-turn Q&A, RL prompts
-  images/pair_XXX.png     400 images, one preference pair each (in no other file)
+  images/pair_XXX.png     800 images, one preference pair each (in no other file)
   images/extra_XXX.png    320 images with one SFT description and one short answer each
                           (multiple choice or yes/no, alternating)
   images/eval_XXX.png     64 held-out images (in no training file)
@@ -44,7 +44,7 @@ TOY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 IMAGE_SIZE = 56
 NUM_TRAIN_IMAGES = 80  # "shapes_XXX.png": SFT, RL prompts
 NUM_EVAL_IMAGES = 64  # "eval_XXX.png": held out, in no training file
-NUM_PAIR_IMAGES = 400  # "pair_XXX.png": one preference pair each
+NUM_PAIR_IMAGES = 800  # "pair_XXX.png": one preference pair each
 NUM_EXTRA_SFT = 320  # "extra_XXX.png": one SFT description + one short answer each
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 119, 180), "yellow": (230, 200, 30)}
@@ -163,10 +163,11 @@ def _rejected(kind: str, scene, rng: random.Random) -> tuple[str, str]:
         k = rng.randrange(len(scene))
         rest = scene[:k] + scene[k + 1:]
         return _describe_split(scene), _describe(rest) + " " + _also(_phantom(rest + [scene[k]], rng))
-    if kind in ("swapped", "recoloured"):  # one shape's colour changed
+    if kind in ("swapped", "recoloured"):  # one shape's colour changed (to one no such shape has here)
         k = rng.randrange(len(scene))
         wrong = list(scene)
-        wrong[k] = (scene[k][0], rng.choice([c for c in COLORS if c != scene[k][1]]), scene[k][2])
+        colours = [c for c in COLORS if (scene[k][0], c) not in {(o[0], o[1]) for o in scene}]
+        wrong[k] = (scene[k][0], rng.choice(colours), scene[k][2])
         return _describe(scene), _describe(wrong)
     if kind == "incomplete" and len(scene) > 1:  # a true but partial answer
         k = rng.randrange(len(scene))
