@@ -3,8 +3,9 @@
 The README's main command: factually augmented PPO of the tiny LLaVA on the bundled toy
 "shapes" world, on a CPU in minutes. It first runs what it needs when missing: tiny_sft
 (the policy's starting point) and tiny_rm (the reward model, LoRA over the same SFT model,
-so the four roles share one base). Then 20 PPO steps of 16 rollouts; the curves land in
-runs/tiny_ppo/metrics.png and the policy adapter in runs/tiny_ppo/adapter (+ PEFT)."""
+so the four roles share one base). Then 40 PPO steps of 16 rollouts, and a greedy held-out
+evaluation of the SFT and PPO policies (the before/after table; runs/tiny_ppo/eval/); the
+curves land in runs/tiny_ppo/metrics.png and the policy adapter in runs/tiny_ppo/adapter."""
 from configs.common import base_config
 
 

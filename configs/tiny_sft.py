@@ -1,10 +1,11 @@
 """python scripts/train.py --config configs/tiny_sft.py
 
-SFT of the embedded tiny LLaVA on the bundled toy "shapes" world: under a minute on a CPU.
-10 epochs over 804 conversations on 400 images (500 steps): descriptions, questions about
+SFT of the embedded tiny LLaVA on the bundled toy "shapes" world: ~1.7 minutes on a CPU.
+30 epochs over 804 conversations on 400 images (1500 steps): descriptions, questions about
 one shape, and short multiple-choice / yes-no answers in the RL prompts' forms. The model
-learns to name the colours and shapes of scenes it has not seen; it is the base that tiny_rm
-and tiny_ppo start from."""
+learns to see (it names ~93% of the shapes in held-out images) and learns the data's flaw:
+its greedy answers to detailed-description prompts add a shape that is not there. It is the
+base that tiny_rm and tiny_ppo start from."""
 from configs.common import base_config
 
 

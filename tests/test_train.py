@@ -104,8 +104,9 @@ def test_bad_config_fails_before_device_work(tmp_path):
 
 def test_tiny_rm_reaches_90_percent_held_out_accuracy(toy_world):
     """tiny_rm as configured, over the tiny SFT model it requires: held-out pairs (new scenes
-    whose rejected answer names colours and shapes not in the image) ranked right >= 90%;
-    the adapter + reward head exported. tiny_sft lowered its loss on the way."""
+    whose rejected answer names a shape the image lacks, or leaves one out, or evades)
+    ranked right >= 90% (0.95 on seeds 0-2, README); the adapter + reward head exported.
+    tiny_sft lowered its loss on the way."""
     from configs.tiny_rm import get_config as tiny_rm
     from llava_jax.convert.ckpt import ADAPTER_FORMAT
 
@@ -115,7 +116,7 @@ def test_tiny_rm_reaches_90_percent_held_out_accuracy(toy_world):
     with open(os.path.join(os.path.dirname(rm_adapter), "metrics.jsonl")) as f:
         evals = [row for row in map(json.loads, f) if "eval_accuracy" in row]
     cfg = tiny_rm()
-    assert evals[-1]["eval_pairs"] == cfg.data.eval_size == 64
+    assert evals[-1]["eval_pairs"] == cfg.data.eval_size == 100
     assert evals[-1]["eval_accuracy"] >= 0.9, [(r["step"], r["eval_accuracy"]) for r in evals]
     meta = json.load(open(os.path.join(rm_adapter, "adapter.json")))
     assert meta["format"] == ADAPTER_FORMAT and meta["head"] == "reward" and meta["lora"]["rank"] == cfg.train.lora_rank
