@@ -248,11 +248,10 @@ def run_ppo(cfg: Any) -> dict:
 def rollout_hallucination(samples: list[dict], captions: dict) -> float:
     """Share of the rollout's description answers (caption_type 1) that name a shape the
     image lacks, by the toy judge (this process's rows)."""
-    from llava_jax.data.toy_judge import hallucinates, scene_objects
+    from llava_jax.data.toy_judge import hallucination_rate
 
     rows = [s for s in samples if s["caption_type"] == 1 and s["image"] in captions]
-    flags = [hallucinates(s["response"], scene_objects(captions[s["image"]])) for s in rows]
-    return sum(flags) / max(len(flags), 1)
+    return hallucination_rate([s["response"] for s in rows], [captions[s["image"]] for s in rows])
 
 
 def evaluate_toy(cfg: Any, spec: roles.PPOSpec, state: Any, frozen: dict, tokenizer: Any) -> dict:

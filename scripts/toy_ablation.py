@@ -21,7 +21,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 STAGES = ("tiny_sft", "tiny_rm", "tiny_rm_nofacts", "tiny_ppo", "tiny_ppo_nofacts")
-EVAL_KEYS = ("hallucinating_answers", "recall", "mean_length")
 
 
 def stage_config(name: str, seed: int, root: str):
@@ -65,16 +64,20 @@ def table(results: dict[int, dict]) -> str:
     for model, label in (("sft", "SFT"), ("tiny_ppo", "PPO with facts"), ("tiny_ppo_nofacts", "PPO without facts")):
         rows += [(f"{label}: answers naming an absent object", model, "hallucinating_answers"),
                  (f"{label}: recall of present objects", model, "recall"),
-                 (f"{label}: mean answer tokens", model, "mean_length")]
+                 (f"{label}: mean answer tokens", model, "mean_length"),
+                 (f"{label}: POPE F1 / yes-ratio", model, ("pope_f1", "pope_yes_ratio")),
+                 (f"{label}: multiple-choice accuracy", model, "mc_accuracy")]
     seeds = sorted(results)
     lines = ["| | " + " | ".join(f"seed {s}" for s in seeds) + " | mean [min, max] |",
              "|---" * (len(seeds) + 2) + "|"]
-    for label, model, key in rows:
-        values = [results[s][model][key] for s in seeds]
-        fmt = "{:.1f}" if key == "mean_length" else "{:.3f}"
-        cells = " | ".join(fmt.format(v) for v in values)
-        spread = f"{fmt.format(sum(values) / len(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
-        lines.append(f"| {label} | {cells} | {spread} |")
+    for label, model, keys in rows:
+        columns = []
+        for key in keys if isinstance(keys, tuple) else (keys,):
+            values = [results[s][model][key] for s in seeds]
+            fmt = "{:.1f}" if key == "mean_length" else "{:.3f}"
+            spread = f"{fmt.format(sum(values) / len(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
+            columns.append([fmt.format(v) for v in values] + [spread])
+        lines.append(f"| {label} | " + " | ".join(" / ".join(cell) for cell in zip(*columns)) + " |")
     return "\n".join(lines)
 
 

@@ -59,3 +59,26 @@ def test_mmhal_answers_and_judge_file(tiny_ckpt, tmp_path):
     assert len(answers) == 5 and all("model_answer" in a and a["gt_answer"] for a in answers)
     judge = [json.loads(line) for line in open(str(out) + ".judge.jsonl")]
     assert [j["question"] for j in judge] == [i["question"] for i in items]
+
+
+def test_eval_toy_script_writes_answers_and_table(tiny_ckpt, tmp_path, capsys):
+    """scripts/eval_toy.py on two models (the same random checkpoint, without and with a
+    zero-initialised LoRA adapter directory: identical answers), its files and its table."""
+    from llava_jax import lora as lora_lib
+    from llava_jax.convert import load_checkpoint
+    from llava_jax.convert.ckpt import write_adapter_dir
+    from scripts.eval_toy import main as eval_toy
+
+    _, base = load_checkpoint(tiny_ckpt)
+    write_adapter_dir(str(tmp_path / "adapter"), lora_lib.init_adapter(base, lora_lib.LoraConfig(rank=2, alpha=4.0),
+                                                                      jax.random.PRNGKey(1)))
+    summary = eval_toy([f"a={tiny_ckpt}", f"b={tiny_ckpt}:{tmp_path / 'adapter'}", "--out", str(tmp_path / "eval"),
+                        "--max-new-tokens", "4"])
+    printed = capsys.readouterr().out
+    assert "answers naming an absent object" in printed and "| a |" in printed and "| b |" in printed
+    assert summary["a"] == summary["b"] and summary["a"]["n"] == 256  # b = 0: the adapter is the base
+    assert json.load(open(tmp_path / "eval" / "summary.json")) == summary
+    for kind, count in (("answers", 256), ("pope", 214), ("mc", 64)):
+        rows = [json.loads(line) for line in open(tmp_path / "eval" / f"a.{kind}.jsonl")]
+        assert len(rows) == count and all(r["image"].startswith("eval_") for r in rows)
+    assert all(0.0 <= v <= 1.0 for k, v in summary["a"].items() if k not in ("n", "mean_length"))
