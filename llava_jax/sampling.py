@@ -9,6 +9,7 @@ once every sequence has stopped. Works over (base, adapter or None) like `lora.f
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -163,8 +164,10 @@ def generate(config: LlavaConfig, base: dict, adapter: Adapter | None, input_ids
     return {"tokens": final["tokens"], "mask": final["mask"], "logprobs": final["logprobs"], "steps": final["step"]}
 
 
+@functools.lru_cache(maxsize=16)
 def generate_fn(config: LlavaConfig, sampling: SamplingConfig) -> Any:
-    """`generate` jitted for one (config, sampling): f(base, adapter, ids, mask, pixels, rng)."""
+    """`generate` jitted for one (config, sampling): f(base, adapter, ids, mask, pixels, rng).
+    Cached, so answering several files or models of one config compiles each shape once."""
     def run(base, adapter, input_ids, attention_mask, pixel_values, rng):
         return generate(config, base, adapter, input_ids, attention_mask, pixel_values, rng, sampling)
 

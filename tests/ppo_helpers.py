@@ -5,20 +5,27 @@ import os
 from configs.tiny_ppo import get_config as tiny_ppo
 
 
-def make_world(root: str, sft_steps: int | None = None, rm_steps: int | None = None) -> tuple[str, str]:
+def make_world(root: str, sft_steps: int | None = None, rm_steps: int | None = None,
+               sft_epochs: float | None = None, rm_epochs: float | None = None) -> tuple[str, str]:
     """(base checkpoint dir, reward adapter dir) under `root`: the README's chain, tiny_sft
-    then tiny_rm over it, as configured (the RM reaches ~0.95 held-out accuracy), unless
-    `sft_steps` / `rm_steps` cut the runs short."""
+    then tiny_rm over it, as configured unless `*_steps` cut the runs short or `*_epochs`
+    shorten them (a schedule of their own). Test-speed settings that leave the training
+    itself alone: one device, no TensorBoard, checkpoints and RM evaluations only at the end."""
     from configs.tiny_rm import get_config as tiny_rm
     from configs.tiny_sft import get_config as tiny_sft
     from llava_jax.trainer import run
 
-    for name, make, steps in (("sft", tiny_sft, sft_steps), ("rm", tiny_rm, rm_steps)):
+    for name, make, steps, epochs in (("sft", tiny_sft, sft_steps, sft_epochs), ("rm", tiny_rm, rm_steps, rm_epochs)):
         cfg = make()
         cfg.requires, cfg.workdir = "", os.path.join(root, name)
         if steps is not None:
             cfg.train.max_steps = steps
-        cfg.log.tensorboard, cfg.data.workers, cfg.data.num_buckets = False, 0, 1  # one shape, one compile
+        if epochs is not None:
+            cfg.train.num_epochs = epochs
+        cfg.log.tensorboard, cfg.data.workers = False, 0
+        cfg.checkpoint.every = cfg.rm.eval_every = 10**9  # the last step still saves and evaluates
+        if steps is not None or name == "rm":  # short runs, or (the RM) inputs of nearly one length: one compile
+            cfg.data.num_buckets = 1
         # One device: partitioning over the 8 forced CPU devices would only add compile time
         # and collectives on 2 cores (mesh invariance has tests of its own).
         cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1

@@ -73,30 +73,6 @@ def test_length_penalty_alone_shortens_responses(world, tmp_path):
     assert len(samples) == 16 and "reward_input" in samples[0]
 
 
-def test_toy_reward_model_score_rises_with_bounded_kl(toy_world, tmp_path):
-    """The README's tiny_sft policy under the full tiny_rm (>= 90% held out), the RM alone as
-    the reward, on a describe prompt (what the toy RM was trained to judge).
-
-    One prompt, 16 rollouts of it per step: across prompts the RM's mean score differs by
-    ~3.5 (std) while rollouts of one prompt differ by ~1.5, so over a mix of prompts 10 steps
-    of the batch mean measure which images were drawn more than what the policy learned
-    (measured: no trend over 30 steps on 16 fixed prompts, while one prompt rises by 0.8-4.4
-    over 10 steps in four worlds built from different data and seeds)."""
-    with open(os.path.join(ROOT, "data", "toy", "rl_prompts.json")) as f:
-        first = next(r for r in json.load(f) if r["caption_type"] == 1)
-    (tmp_path / "describe.json").write_text(json.dumps([{**first, "id": f"{first['id']}_{k}"} for k in range(16)]))
-    cfg = ppo_config(tmp_path / "rm", *toy_world, steps=10)
-    cfg.data.train = str(tmp_path / "describe.json")
-    cfg.ppo.rollout_batch, cfg.ppo.step_batch = 16, 8
-    cfg.ppo.length_bonus = cfg.ppo.correct_bonus = cfg.ppo.no_stop_penalty = 0.0  # the RM alone
-    run_ppo(cfg)
-    rows = _metrics(cfg.workdir)
-    scores = [r["rm_score"] for r in rows]
-    assert np.mean(scores[-4:]) > np.mean(scores[:2]) + 0.5, scores
-    assert all(r["score_total"] == r["rm_score"] for r in rows)
-    assert max(r["kl"] for r in rows) < 10.0, [r["kl"] for r in rows]
-
-
 def _cmd(workdir, world, steps):
     settings = {**ppo_overrides(workdir, *world, steps=steps, mesh=(1, 1, 1)), "checkpoint.every": 1}
     return [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config",

@@ -1,16 +1,40 @@
-"""Fact-RLHF works on the toy world: PPO against the fact-augmented reward model lowers the
-share of held-out descriptions that name an absent shape, without the answers collapsing.
-
-The chain is the README's (tiny_sft, tiny_rm as configured: the session-wide `toy_world`
-fixture), with a shorter PPO run (16 steps instead of 40); the rollouts' hallucination
-rate falls within the first ten steps over seeds 0-2 (README, "What the toy world shows")."""
+"""Fact-RLHF works on the toy world: the README's chain, reduced (the session-wide `toy_world`
+fixture: tiny_sft 20 epochs, tiny_rm 3; used by this file only), gives a reward model that
+ranks held-out pairs, and PPO against it (16 steps instead of 40) lowers the share of held-out
+descriptions that name an absent shape, without the answers collapsing. The full chain's
+figures over seeds 0-2 are in the README ("What the toy world shows")."""
 import json
 import os
 
 import numpy as np
 
 from configs.tiny_ppo import get_config as tiny_ppo
+from configs.tiny_rm import get_config as tiny_rm
 from llava_jax.ppo_trainer import run_ppo
+
+
+def _metrics(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_reduced_tiny_rm_ranks_held_out_pairs(toy_world):
+    """tiny_rm (3 epochs of its 5) over the tiny SFT model: held-out pairs (new scenes whose
+    rejected answer names a shape the image lacks, or leaves one out, or evades) ranked right
+    >= 85% (this reduced chain measured 0.91 / 0.88 / 0.89 at seeds 0 / 1 / 2; the configured
+    run 0.95-0.98, README); the adapter + reward head exported. tiny_sft lowered its loss."""
+    from llava_jax.convert.ckpt import ADAPTER_FORMAT
+
+    sft_model, rm_adapter = toy_world
+    sft_losses = [r["loss"] for r in _metrics(os.path.dirname(sft_model))]
+    assert np.mean(sft_losses[-10:]) < 0.2 * sft_losses[0], (sft_losses[0], sft_losses[-10:])
+    evals = [r for r in _metrics(os.path.dirname(rm_adapter)) if "eval_accuracy" in r]
+    cfg = tiny_rm()
+    assert evals[-1]["eval_pairs"] == cfg.data.eval_size == 100
+    assert evals[-1]["eval_accuracy"] >= 0.85, [(r["step"], r["eval_accuracy"]) for r in evals]
+    meta = json.load(open(os.path.join(rm_adapter, "adapter.json")))
+    assert meta["format"] == ADAPTER_FORMAT and meta["head"] == "reward" and meta["lora"]["rank"] == cfg.train.lora_rank
+    assert os.path.isdir(os.path.join(rm_adapter, "head"))
 
 
 def test_ppo_lowers_held_out_hallucination_without_collapse(toy_world, tmp_path):
@@ -27,6 +51,7 @@ def test_ppo_lowers_held_out_hallucination_without_collapse(toy_world, tmp_path)
     assert sft["n"] == ppo["n"] == 256  # 64 held-out images x 4 describe prompts
     assert sft["hallucinating_answers"] >= 0.25, sft  # the SFT policy learnt the flaw
     assert sft["recall"] >= 0.8, sft  # ... and can see
+    # Seeds 0 / 1 / 2 of this reduced chain: 0.39 -> 0.09, 0.41 -> 0.06, 0.46 -> 0.06.
     assert ppo["hallucinating_answers"] <= 0.5 * sft["hallucinating_answers"], (sft, ppo)
     assert ppo["recall"] >= 0.9 * sft["recall"], (sft, ppo)
     assert ppo["mean_length"] >= 0.6 * sft["mean_length"] and ppo["no_object_share"] < 0.1, (sft, ppo)
@@ -35,6 +60,8 @@ def test_ppo_lowers_held_out_hallucination_without_collapse(toy_world, tmp_path)
             rows = [json.loads(line) for line in open(tmp_path / "ppo" / "eval" / f"{name}.{kind}.jsonl")]
             assert rows and all({"question_id", "image", "text"} <= row.keys() for row in rows)
             assert all(os.path.isfile(os.path.join("data", "toy", "images", row["image"])) for row in rows)
-    with open(tmp_path / "ppo" / "metrics.jsonl") as f:
-        rates = [json.loads(line)["hallucination_rate"] for line in f]
+    rows = _metrics(tmp_path / "ppo")
+    rates, scores = [r["hallucination_rate"] for r in rows], [r["rm_score"] for r in rows]
     assert np.mean(rates[:2]) > np.mean(rates[-4:]) + 0.2, rates  # the rollouts' own rate falls too
+    assert np.mean(scores[-4:]) > np.mean(scores[:2]) + 1.0, scores  # ... as the reward model's score rises
+    assert max(r["kl"] for r in rows) < 10.0, [r["kl"] for r in rows]  # near the SFT policy
