@@ -1,7 +1,9 @@
-"""Batched answers to an eval question file: the one generation loop behind
-`scripts/generate.py` and the toy-world evaluation (`llava_jax/toy_eval.py`)."""
+"""Batched answers to an eval question file: the one generation loop (and model loading)
+behind `scripts/generate.py`, `scripts/eval_toy.py` and the toy-world evaluation
+(`llava_jax/toy_eval.py`)."""
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator
 
 import jax
@@ -34,3 +36,17 @@ def answer_batches(config: Any, base: dict, adapter: Any, tokenizer: Any, datase
             yield rows
     finally:
         loader.close()
+
+
+def load_answering_model(ckpt: str, adapter: str | None = None, dtype: str = "float32") -> tuple[Any, dict, Any]:
+    """(config, base, adapter or None) of a checkpoint; `adapter` names one inside it
+    (CKPT/adapters/NAME) or is an adapter directory (a LoRA or PPO run's workdir/adapter)."""
+    from llava_jax.convert import load_adapter, load_adapter_dir, load_checkpoint
+
+    config, base = load_checkpoint(ckpt, dtype=dtype)
+    config = config.with_runtime(dtype=dtype)
+    if not adapter:
+        return config, base, None
+    if os.path.isdir(adapter) and not os.path.isdir(os.path.join(ckpt, "adapters", adapter)):
+        return config, base, load_adapter_dir(adapter, base)[0]
+    return config, base, load_adapter(ckpt, adapter)[0]

@@ -21,19 +21,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def load_model(ckpt: str, adapter: str | None):
-    """(config, base, adapter or None) of CKPT[:ADAPTER]."""
-    from llava_jax.convert import load_adapter, load_adapter_dir, load_checkpoint
-
-    config, base = load_checkpoint(ckpt, dtype="float32")
-    if not adapter:
-        return config, base, None
-    if os.path.isdir(adapter) and not os.path.isdir(os.path.join(ckpt, "adapters", adapter)):
-        return config, base, load_adapter_dir(adapter, base)[0]
-    return config, base, load_adapter(ckpt, adapter)[0]
-
-
 def main(argv: list[str] | None = None) -> dict:
+    from llava_jax.answer import load_answering_model
     from llava_jax.data import load_tokenizer
     from llava_jax.toy_eval import compare, format_table
 
@@ -50,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt, _, adapter = path.partition(":")
         if not name or not ckpt:
             p.error(f"model {spec!r}: expected NAME=CKPT[:ADAPTER]")
-        models.append((name, *load_model(ckpt, adapter or None)))
+        models.append((name, *load_answering_model(ckpt, adapter or None)))
     tokenizer = load_tokenizer(os.path.join(a.toy_dir, "tokenizer"))
     summary = compare(models, tokenizer, a.toy_dir, a.out, a.max_new_tokens, a.batch_size)
     print(format_table(summary))

@@ -85,18 +85,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
-    from llava_jax.convert import load_adapter, load_adapter_dir, load_checkpoint
-    from llava_jax.answer import answer_batches
+    from llava_jax.answer import answer_batches, load_answering_model
     from llava_jax.data import EvalDataset, load_tokenizer, make_answer, vision_kwargs
     from llava_jax.sampling import SamplingConfig
 
-    config, base = load_checkpoint(a.ckpt, dtype=a.dtype)
-    config = config.with_runtime(dtype=a.dtype)
-    adapter = None
-    if a.adapter and os.path.isdir(a.adapter) and not os.path.isdir(os.path.join(a.ckpt, "adapters", a.adapter)):
-        adapter = load_adapter_dir(a.adapter, base)[0]
-    elif a.adapter:
-        adapter = load_adapter(a.ckpt, a.adapter)[0]
+    config, base, adapter = load_answering_model(a.ckpt, a.adapter, a.dtype)
     tokenizer = load_tokenizer(a.tokenizer)
     dataset = EvalDataset(a.questions, tokenizer, fmt=a.format, image_folder=a.image_folder, template=a.template,
                           max_length=a.max_length, **vision_kwargs(config))

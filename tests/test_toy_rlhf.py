@@ -1,8 +1,9 @@
 """Fact-RLHF works on the toy world: the README's chain, reduced (the session-wide `toy_world`
-fixture: tiny_sft 20 epochs, tiny_rm 3; used by this file only), gives a reward model that
-ranks held-out pairs, and PPO against it (16 steps instead of 40) lowers the share of held-out
-descriptions that name an absent shape, without the answers collapsing. The full chain's
-figures over seeds 0-2 are in the README ("What the toy world shows")."""
+fixture: tiny_sft 20 epochs instead of 30, tiny_rm as configured; used by this file only),
+gives a reward model that ranks held-out pairs, and PPO against it (16 steps instead of 40)
+lowers the share of held-out descriptions that name an absent shape, without the answers
+collapsing. The full chain's figures over seeds 0-2 are in the README ("What the toy world
+shows")."""
 import json
 import os
 
@@ -18,11 +19,11 @@ def _metrics(workdir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def test_reduced_tiny_rm_ranks_held_out_pairs(toy_world):
-    """tiny_rm (3 epochs of its 5) over the tiny SFT model: held-out pairs (new scenes whose
-    rejected answer names a shape the image lacks, or leaves one out, or evades) ranked right
-    >= 85% (this reduced chain measured 0.91 / 0.88 / 0.89 at seeds 0 / 1 / 2; the configured
-    run 0.95-0.98, README); the adapter + reward head exported. tiny_sft lowered its loss."""
+def test_tiny_rm_reaches_90_percent_held_out_accuracy(toy_world):
+    """tiny_rm as configured, over the (shorter) tiny SFT model: held-out pairs (new scenes
+    whose rejected answer names a shape the image lacks, or leaves one out, or evades) ranked
+    right >= 90% (0.96 / 0.96 / 0.93 at seeds 0 / 1 / 2; over the full tiny_sft 0.95-0.98,
+    README); the adapter + reward head exported. tiny_sft lowered its loss on the way."""
     from llava_jax.convert.ckpt import ADAPTER_FORMAT
 
     sft_model, rm_adapter = toy_world
@@ -31,7 +32,7 @@ def test_reduced_tiny_rm_ranks_held_out_pairs(toy_world):
     evals = [r for r in _metrics(os.path.dirname(rm_adapter)) if "eval_accuracy" in r]
     cfg = tiny_rm()
     assert evals[-1]["eval_pairs"] == cfg.data.eval_size == 100
-    assert evals[-1]["eval_accuracy"] >= 0.85, [(r["step"], r["eval_accuracy"]) for r in evals]
+    assert evals[-1]["eval_accuracy"] >= 0.9, [(r["step"], r["eval_accuracy"]) for r in evals]
     meta = json.load(open(os.path.join(rm_adapter, "adapter.json")))
     assert meta["format"] == ADAPTER_FORMAT and meta["head"] == "reward" and meta["lora"]["rank"] == cfg.train.lora_rank
     assert os.path.isdir(os.path.join(rm_adapter, "head"))
@@ -51,7 +52,7 @@ def test_ppo_lowers_held_out_hallucination_without_collapse(toy_world, tmp_path)
     assert sft["n"] == ppo["n"] == 256  # 64 held-out images x 4 describe prompts
     assert sft["hallucinating_answers"] >= 0.25, sft  # the SFT policy learnt the flaw
     assert sft["recall"] >= 0.8, sft  # ... and can see
-    # Seeds 0 / 1 / 2 of this reduced chain: 0.39 -> 0.09, 0.41 -> 0.06, 0.46 -> 0.06.
+    # Seeds 0 / 1 / 2 of this chain (with tiny_rm at 3 epochs): 0.39 -> 0.09, 0.41 -> 0.06, 0.46 -> 0.06.
     assert ppo["hallucinating_answers"] <= 0.5 * sft["hallucinating_answers"], (sft, ppo)
     assert ppo["recall"] >= 0.9 * sft["recall"], (sft, ppo)
     assert ppo["mean_length"] >= 0.6 * sft["mean_length"] and ppo["no_object_share"] < 0.1, (sft, ppo)
