@@ -6,16 +6,16 @@ from configs.tiny_ppo import get_config as tiny_ppo
 
 
 def make_world(root: str, sft_steps: int | None = None, rm_steps: int | None = None,
-               sft_epochs: float | None = None, rm_epochs: float | None = None) -> tuple[str, str]:
+               sft_epochs: float | None = None) -> tuple[str, str]:
     """(base checkpoint dir, reward adapter dir) under `root`: the README's chain, tiny_sft
-    then tiny_rm over it, as configured unless `*_steps` cut the runs short or `*_epochs`
-    shorten them (a schedule of their own). Test-speed settings that leave the training
+    then tiny_rm over it, as configured unless `*_steps` cut the runs short or `sft_epochs`
+    shortens the SFT (a schedule of its own). Test-speed settings that leave the training
     itself alone: one device, no TensorBoard, checkpoints and RM evaluations only at the end."""
     from configs.tiny_rm import get_config as tiny_rm
     from configs.tiny_sft import get_config as tiny_sft
     from llava_jax.trainer import run
 
-    for name, make, steps, epochs in (("sft", tiny_sft, sft_steps, sft_epochs), ("rm", tiny_rm, rm_steps, rm_epochs)):
+    for name, make, steps, epochs in (("sft", tiny_sft, sft_steps, sft_epochs), ("rm", tiny_rm, rm_steps, None)):
         cfg = make()
         cfg.requires, cfg.workdir = "", os.path.join(root, name)
         if steps is not None:
