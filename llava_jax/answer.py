@@ -18,10 +18,11 @@ def answer_batches(config: Any, base: dict, adapter: Any, tokenizer: Any, datase
                    sampling: SamplingConfig, batch_size: int, seed: int = 0
                    ) -> Iterator[list[tuple[EvalQuestion, str, int]]]:
     """Per loader batch: (question, answer text, answer tokens) of its valid rows, in file order.
-    `adapter` None answers with the base model. Prompts are left padded to one bucket."""
+    `adapter` None answers with the base model. Prompts are left padded to the loader's
+    bucket lengths (a few compiled shapes)."""
     run = generate_fn(config, sampling)
     loader = Loader(dataset, batch_size, shuffle=False, num_epochs=1, drop_remainder=False, pad_side="left",
-                    process_index=0, process_count=1, num_workers=0)
+                    process_index=0, process_count=1)
     rng = jax.random.PRNGKey(seed)
     try:
         for batch in loader:

@@ -43,8 +43,8 @@ def run_seed(seed: int, root: str) -> dict:
     out: dict = {"seconds": {}}
     for name in STAGES:
         cfg = stage_config(name, seed, root)
-        if exported_result(cfg) is None or (name.startswith("tiny_ppo") and
-                                            not os.path.isfile(os.path.join(cfg.workdir, "eval", "summary.json"))):
+        summary = os.path.join(cfg.workdir, "eval", "summary.json")
+        if not (os.path.isfile(summary) if name.startswith("tiny_ppo") else exported_result(cfg)):
             begin = time.perf_counter()
             run_stage(cfg)
             out["seconds"][name] = round(time.perf_counter() - begin, 1)
@@ -52,7 +52,7 @@ def run_seed(seed: int, root: str) -> dict:
             evals = [r for r in read_metrics(os.path.join(cfg.workdir, "metrics.jsonl")) if "eval_accuracy" in r]
             out[name] = {"accuracy": evals[-1]["eval_accuracy"]}
         elif name.startswith("tiny_ppo"):
-            with open(os.path.join(cfg.workdir, "eval", "summary.json")) as f:
+            with open(summary) as f:
                 summary = json.load(f)
             out["sft"], out[name] = summary["sft"], summary["ppo"]
     return out

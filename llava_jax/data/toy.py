@@ -155,7 +155,7 @@ def _sft_description(scene, rng: random.Random) -> tuple[str, str]:
     return prompt, _describe(scene)
 
 
-def _rejected(kind: str, scene, rng: random.Random) -> tuple[str, str]:
+def _pair_answers(kind: str, scene, rng: random.Random) -> tuple[str, str]:
     """(chosen, rejected) descriptions of a preference pair of this kind."""
     if kind == "embellished":  # the SFT flaw itself
         return rng.choice((_describe, _describe_split))(scene), _embellish(scene, rng)
@@ -177,7 +177,7 @@ def _rejected(kind: str, scene, rng: random.Random) -> tuple[str, str]:
 
 def _preference(pid: str, name: str, scene, rng: random.Random) -> dict:
     kind = rng.choices([k for k, _ in PAIR_KINDS], weights=[w for _, w in PAIR_KINDS])[0]
-    good, bad = _rejected(kind, scene, rng)
+    good, bad = _pair_answers(kind, scene, rng)
     preference = rng.choice((1, 2))
     outputs = (good, bad) if preference == 1 else (bad, good)
     return {"id": pid, "image": name, "conversations": _conv(f"<image>\n{rng.choice(DESCRIBE)}", ""),
@@ -211,13 +211,18 @@ def _mc(scene, rng: random.Random):
     return question, 2 + "ABCD".index(letter), rationale
 
 
+def _is_there(color: str, shape: str) -> str:
+    """The yes/no question form of the SFT answers, the RL prompts and the POPE-style eval."""
+    return f"Is there a {color} {shape} in the image?"
+
+
 def _yes_no(scene, rng: random.Random, present: bool) -> tuple[str, str, str]:
     """(question, label, short answer) about a present or an absent coloured shape."""
     if present:
         shape, color, place = rng.choice(scene)
-        return f"Is there a {color} {shape} in the image?", "yes", f"Yes, it is in the {place}."
+        return _is_there(color, shape), "yes", f"Yes, it is in the {place}."
     shape, color = _absent(scene, rng)
-    return f"Is there a {color} {shape} in the image?", "no", f"No, there is no {color} {shape}."
+    return _is_there(color, shape), "no", f"No, there is no {color} {shape}."
 
 
 def _short_answer(rid: str, name: str, scene, rng: random.Random, multiple_choice: bool) -> dict:
@@ -257,8 +262,8 @@ def _eval_items(name: str, scene, rng: random.Random, out: dict) -> None:
         shape, color = _absent(scene + [(s, c, "") for s, c, _ in asks], rng)
         asks.append((shape, color, "no"))
     for shape, color, label in asks:
-        out["pope"].append({"question_id": len(out["pope"]), "image": name,
-                            "text": f"Is there a {color} {shape} in the image?", "label": label})
+        out["pope"].append({"question_id": len(out["pope"]), "image": name, "text": _is_there(color, shape),
+                            "label": label})
     question, ctype, _ = _mc(scene, rng)
     out["mc"].append({"question_id": len(out["mc"]), "image": name, "text": question, "answer": "ABCD"[ctype - 2]})
     shape, color, place = rng.choice(scene)
