@@ -91,6 +91,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.ppo.clip = 0.2  # policy ratio clip
     c.ppo.value_clip = 0.2
     c.ppo.vf_coef = 0.1
+    # Fidelity to the original LLaVA-RLHF PPO (README "PPO: where we differ from the original").
+    # The defaults reproduce it; the tiny configs choose the alternatives we think better.
+    c.ppo.whiten_over_pads = True  # advantages: the score on the tensor's last position, GAE through the pads and
+    # whitening statistics over every [batch, response_len] position, pads included (the original; a pad's advantage
+    # is reward_scale x score - V(pad), and at the published shapes the pads outnumber the tokens, so the statistics
+    # follow the pads). False: the episode ends at the last valid token, statistics over valid tokens only
+    c.ppo.loss_over_pads = True  # policy and value losses as means over every position (the original: much of the
+    # value gradient fits V(pad), and the pads dilute the policy gradient). False: means over valid tokens
+    c.ppo.cut_at_question_mark = True  # cut each response after its first '?' token (LLaMA ids 1577 / 29973, as the
+    # original): its EOS is gone, so the no-stop penalty applies. False: responses end at EOS only
+    c.ppo.lr_schedule_unit = "rollout"  # the schedule steps once per PPO step (the original: warmup counts rollouts
+    # and the whole first rollout trains at lr 0) | "update": once per optimiser update
+    c.ppo.old_logprobs = "recompute"  # PPO's old log-probs from a teacher-forced policy pass (the original; the first
+    # update's ratio is exactly 1 in any dtype) | "sampler": the sampler's (one pass fewer; equal in float32 only)
     c.ppo.reward_pad_multiple = 64  # reward-model inputs padded to a multiple of this (few compiles)
     c.ppo.export_merged = False  # also write the policy merged into the base as an HF model (workdir/hf_merged)
 

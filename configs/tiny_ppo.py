@@ -37,6 +37,13 @@ def get_config():
     # length / 32 here (toy responses are 32 tokens); -10 would cost a 20-token answer 6.3 points
     # and drown the reward model's judgement.
     c.ppo.length_bonus = -10.0 * 32 / 896
+    # Our choices where the original differs (configs/common.py, README): valid tokens only in the advantage
+    # statistics and the losses, no '?' cut, the schedule per optimiser update, the sampler's log-probs (float32).
+    c.ppo.whiten_over_pads = False
+    c.ppo.loss_over_pads = False
+    c.ppo.cut_at_question_mark = False
+    c.ppo.lr_schedule_unit = "update"
+    c.ppo.old_logprobs = "sampler"
     c.eval.toy_dir = "data/toy"  # per-step hallucination_rate, and the held-out before/after table at the end
     c.checkpoint.every = 5
     return c

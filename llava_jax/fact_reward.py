@@ -5,8 +5,8 @@ score = rm_weight x RM score (on the rating prompt with the image's captions, sh
         +0.5 for a response starting with "No", -0.5 for one starting with "Yes")
       + length_bonus x (response tokens / response_len) x the item's length multiplier
       + no_stop_penalty when the response did not end with EOS.
-The host side (text and tokenisation) lives here; the RM score itself is a jitted pass
-(roles.reward_model_scores) over the inputs `reward_inputs` builds.
+The host side (text, and the reward model's inputs from the sampled ids) lives here; the RM
+score itself is a jitted pass (roles.reward_model_scores) over the inputs `reward_inputs` builds.
 """
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from llava_jax.data.records import CAPTION_TYPE_ANSWERS
-from llava_jax.data.templates import ASSISTANT, Turn
-from llava_jax.reward_prompt import RewardPrompt, encode_reward_input
+from llava_jax.reward_prompt import RewardPrompt, reward_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,23 +68,25 @@ def shuffled_captions(captions: Sequence[str] | None, seed: Sequence[int]) -> li
     return [captions[i] for i in order]
 
 
-def reward_inputs(metas: Sequence[dict], responses: Sequence[str], tokenizer: Any, prompt: RewardPrompt, *,
-                  with_facts: bool, num_image_tokens: int, image_token_index: int, template: str,
+def reward_inputs(metas: Sequence[dict | None], query_ids: np.ndarray, query_mask: np.ndarray, responses: np.ndarray,
+                  response_mask: np.ndarray, tokenizer: Any, prompt: RewardPrompt, *, with_facts: bool, template: str,
                   seed: Sequence[int], pad_id: int, pad_multiple: int = 64, length: int = 0
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [B, L], mask [B, L]) of the reward model's rating prompts, RIGHT padded to
-    `length` (or to a multiple of `pad_multiple`: a few static shapes). Rows whose meta is
-    None (padding rows) get a one-token dummy."""
+    """(ids [B, L], mask [B, L]) of the reward model's rating inputs, built from the ids as
+    sampled: each row's query (left-padded [B, Q], in the reward tower's image layout), its
+    response ([B, N] with its mask; it stopped when it holds EOS), then the rating text
+    (`reward_prompt.reward_ids`). RIGHT padded to `length` (or to a multiple of
+    `pad_multiple`: a few static shapes). Rows whose meta is None (padding rows) get a
+    one-token dummy."""
     rows = []
-    for i, (meta, response) in enumerate(zip(metas, responses)):
+    for i, meta in enumerate(metas):
         if meta is None:
             rows.append(np.asarray([pad_id], np.int32))
             continue
         captions = shuffled_captions(meta.get("captions"), (*seed, i)) if with_facts else None
-        n_image = num_image_tokens if meta.get("image") else 0
-        turns = [meta["query_turn"], Turn(ASSISTANT, response)]
-        rows.append(encode_reward_input(turns, captions, tokenizer, prompt, num_image_tokens=n_image,
-                                        image_token_index=image_token_index, template=template).ids)
+        response = responses[i][response_mask[i].astype(bool)]
+        rows.append(reward_ids(query_ids[i][query_mask[i].astype(bool)], response,
+                               bool(np.any(response == tokenizer.eos_id)), captions, tokenizer, prompt, template))
     longest = max(len(r) for r in rows)
     if length and longest > length:
         raise ValueError(f"a reward-model input of {longest} tokens exceeds the padded length {length}")

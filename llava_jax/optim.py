@@ -47,8 +47,16 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [warm])
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(cfg: OptimConfig, total_steps: int,
+                   updates_per_unit: int = 1) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (+ clipping) whose schedule has `total_steps` units of `updates_per_unit`
+    optimiser updates each: PPO's schedule unit is an update or, as the original steps its
+    scheduler once per rollout batch, a whole PPO step (warmup then counts rollouts, and
+    every update of the first rollout runs at lr 0)."""
     schedule = make_schedule(cfg, total_steps)
+    if updates_per_unit > 1:
+        per_update = schedule
+        schedule = lambda count: per_update(count // updates_per_unit)  # noqa: E731
     chain = []
     if cfg.max_grad_norm > 0:
         chain.append(optax.clip_by_global_norm(cfg.max_grad_norm))

@@ -1,12 +1,23 @@
 """PPO math and the update step (LLaVA-RLHF / AlpacaFarm PPO), all pure functions.
 
 Per response token t (valid where `mask`): the KL estimate between policy and reference,
-shaped rewards r_t = -kl_coef * kl_t plus the sequence score on the last valid token,
-scaled x`reward_scale` (or whitened without a mean shift), GAE advantages and returns,
-advantages whitened over the GLOBAL rollout batch (under jit on sharded arrays the sums
-below are all-reduced across every device and host). The update minimises the clipped
-policy loss plus vf_coef x the clipped value loss, means over valid tokens of the whole
-minibatch (micro-batches are summed first, so the result does not depend on the split).
+shaped rewards r_t = -kl_coef * kl_t plus the sequence score, scaled x`reward_scale` (or
+whitened without a mean shift), GAE advantages and returns, advantages whitened over the
+GLOBAL rollout batch (under jit on sharded arrays the sums below are all-reduced across
+every device and host). The update minimises the clipped policy loss plus vf_coef x the
+clipped value loss, means over the minibatch (micro-batches are summed first, so the
+result does not depend on the split).
+
+Where the pad positions of the [B, N] response tensor count is two choices (PPOHyper):
+* `whiten_over_pads` (the original): the score sits on the tensor's last position, GAE runs
+  through the pads (a pad's advantage is reward_scale x score - V(pad)), and the advantage
+  whitening statistics span every position. Off: the episode ends at the last valid token
+  and only valid tokens enter the statistics.
+* `loss_over_pads` (the original): both losses are means over every position; at a pad the
+  log-probs count as 0 (the original's ignore_index), so the policy term there carries no
+  gradient but dilutes the mean, and the value loss fits V(pad) to the pad's return. Off:
+  means over valid tokens.
+At gamma = lambda = 1 the valid tokens' raw advantages and returns agree in both layouts.
 """
 from __future__ import annotations
 
@@ -32,6 +43,8 @@ class PPOHyper:
     kl_estimator: str = "k1"
     reward_scale: float = 10.0
     whiten_rewards: bool = False
+    whiten_over_pads: bool = False
+    loss_over_pads: bool = False
     grad_accum: int = 1
 
     def __post_init__(self):
@@ -53,10 +66,10 @@ def masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True) -> jax.Array:
-    """(x - mean) / sqrt(var + 1e-8) over the valid entries (mean added back when not
-    shifting); invalid entries become 0."""
+    """(x - mean) / (std + 1e-8) over the valid entries, population std as the original's
+    (mean added back when not shifting); invalid entries become 0."""
     mean = masked_mean(x, mask)
-    out = (x - mean) * jax.lax.rsqrt(masked_var(x, mask) + 1e-8)
+    out = (x - mean) / (jnp.sqrt(masked_var(x, mask)) + 1e-8)
     if not shift_mean:
         out = out + mean
     return jnp.where(mask, out, 0.0)
@@ -110,11 +123,14 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, la
 def compute_advantages(hyper: PPOHyper, rollout: dict, kl_coef: jax.Array) -> tuple[dict, dict]:
     """Rewards, advantages and returns of a scored rollout batch (the GLOBAL batch: the
     whitening statistics span every device and host), plus the rollout metrics."""
-    mask = rollout["response_mask"]
+    mask = rollout["response_mask"].astype(bool)
     kl = jnp.where(mask, kl_estimate(rollout["logprobs"], rollout["ref_logprobs"], hyper.kl_estimator), 0.0)
-    shaped = shape_rewards(kl, rollout["score"], mask, kl_coef)
-    rewards = whiten(shaped, mask, shift_mean=False) if hyper.whiten_rewards else shaped * hyper.reward_scale
-    advantages, returns = gae(rewards, rollout["values"], mask, hyper.gamma, hyper.lam)
+    pads_are_steps = hyper.whiten_over_pads or hyper.loss_over_pads
+    # The original adds the score at the tensor's last position and runs GAE over every one.
+    steps = jnp.ones_like(mask) if pads_are_steps else mask
+    shaped = shape_rewards(kl, rollout["score"], steps, kl_coef)
+    rewards = whiten(shaped, steps, shift_mean=False) if hyper.whiten_rewards else shaped * hyper.reward_scale
+    advantages, returns = gae(rewards, rollout["values"], steps, hyper.gamma, hyper.lam)
     rows = rollout["valid"].astype(bool)
     row_mean = lambda x: jnp.sum(jnp.where(rows, x, 0.0)) / jnp.maximum(jnp.sum(rows), 1)  # noqa: E731
     explained = 1.0 - masked_var(returns - rollout["values"], mask) / (masked_var(returns, mask) + 1e-8)
@@ -130,7 +146,8 @@ def compute_advantages(hyper: PPOHyper, rollout: dict, kl_coef: jax.Array) -> tu
         "value_explained_variance": explained,
         "advantage_mean_raw": masked_mean(advantages, mask),
     }
-    out = {"advantages": whiten(advantages, mask, shift_mean=True), "returns": returns, "rewards": rewards}
+    stats = jnp.ones_like(mask) if hyper.whiten_over_pads else mask
+    out = {"advantages": whiten(advantages, stats, shift_mean=True), "returns": returns, "rewards": rewards}
     return out, metrics
 
 
@@ -153,21 +170,33 @@ def value_loss_terms(values: jax.Array, old_values: jax.Array, returns: jax.Arra
     return 0.5 * jnp.maximum(loss1, loss2), (loss2 > loss1).astype(jnp.float32)
 
 
+def objective_sums(hyper: PPOHyper, logp: jax.Array, entropy: jax.Array, values: jax.Array,
+                   batch: dict) -> tuple[jax.Array, dict]:
+    """Sum over the loss positions (valid tokens, or every position with `loss_over_pads`)
+    of (policy loss + vf_coef x value loss), and metric sums; `logp`, `entropy`, `values` are
+    the current policy's and value's [B, N]."""
+    valid = batch["response_mask"].astype(bool)
+    old_logp = batch["logprobs"]
+    if hyper.loss_over_pads:  # a pad's log-prob is 0 under both policies (the original's ignore_index)
+        logp, old_logp = jnp.where(valid, logp, 0.0), jnp.where(valid, old_logp, 0.0)
+    positions = jnp.ones_like(valid) if hyper.loss_over_pads else valid
+    pg, pg_clipped, approx_kl = policy_loss_terms(logp, old_logp, batch["advantages"], hyper.clip)
+    vf, vf_clipped = value_loss_terms(values, batch["values"], batch["returns"], hyper.value_clip)
+    pg_sum, vf_sum = masked_sum(pg, positions), masked_sum(vf, positions)
+    aux = {"policy_loss": pg_sum, "value_loss": vf_sum, "policy_clipfrac": masked_sum(pg_clipped, positions),
+           "value_clipfrac": masked_sum(vf_clipped, positions), "approx_kl": masked_sum(approx_kl, positions),
+           "entropy": masked_sum(entropy, positions), "tokens": jnp.sum(positions).astype(jnp.float32)}
+    return pg_sum + hyper.vf_coef * vf_sum, aux
+
+
 def ppo_loss_sums(spec: roles.PPOSpec, hyper: PPOHyper, params: dict, frozen: dict,
                   batch: dict) -> tuple[jax.Array, dict]:
-    """Sum over valid tokens of (policy loss + vf_coef x value loss), and metric sums."""
-    mask = batch["response_mask"].astype(bool)
+    """`objective_sums` of a minibatch under the current policy and value."""
     logp, entropy = roles.response_logprobs(spec, frozen["policy_base"], params["policy"], batch,
                                             batch["policy_features"])
     values = roles.response_values(spec, roles.reward_base(spec, frozen), params["value"], params["value_head"],
                                    batch, batch.get("reward_features", batch["policy_features"]))
-    pg, pg_clipped, approx_kl = policy_loss_terms(logp, batch["logprobs"], batch["advantages"], hyper.clip)
-    vf, vf_clipped = value_loss_terms(values, batch["values"], batch["returns"], hyper.value_clip)
-    pg_sum, vf_sum = masked_sum(pg, mask), masked_sum(vf, mask)
-    aux = {"policy_loss": pg_sum, "value_loss": vf_sum, "policy_clipfrac": masked_sum(pg_clipped, mask),
-           "value_clipfrac": masked_sum(vf_clipped, mask), "approx_kl": masked_sum(approx_kl, mask),
-           "entropy": masked_sum(entropy, mask), "tokens": jnp.sum(mask).astype(jnp.float32)}
-    return pg_sum + hyper.vf_coef * vf_sum, aux
+    return objective_sums(hyper, logp, entropy, values, batch)
 
 
 def ppo_step(spec: roles.PPOSpec, hyper: PPOHyper, optimizer: optax.GradientTransformation,

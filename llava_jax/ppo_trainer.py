@@ -52,13 +52,34 @@ def validate_ppo(cfg: Any) -> None:
         raise ValueError(f"config.ppo.rollout_chunk={chunk} must divide rollout_batch={p.rollout_batch} and be a "
                          f"multiple of {procs} processes")
     ppo.PPOHyper(kl_estimator=p.kl_estimator)
+    if p.lr_schedule_unit not in ("rollout", "update"):
+        raise ValueError(f"config.ppo.lr_schedule_unit={p.lr_schedule_unit!r}: expected 'rollout' or 'update'")
+    if p.old_logprobs not in ("recompute", "sampler"):
+        raise ValueError(f"config.ppo.old_logprobs={p.old_logprobs!r}: expected 'recompute' or 'sampler'")
 
 
 def ppo_hyper(cfg: Any) -> ppo.PPOHyper:
     p = cfg.ppo
     return ppo.PPOHyper(clip=p.clip, value_clip=p.value_clip, vf_coef=p.vf_coef, gamma=p.gamma, lam=p.lam,
                         kl_estimator=p.kl_estimator, reward_scale=p.reward_scale, whiten_rewards=p.whiten_rewards,
-                        grad_accum=p.grad_accum)
+                        whiten_over_pads=p.whiten_over_pads, loss_over_pads=p.loss_over_pads, grad_accum=p.grad_accum)
+
+
+def ppo_optimizer(cfg: Any, steps: int) -> tuple[Any, Any]:
+    """(optimiser, schedule) of a PPO run of `steps` PPO steps; the schedule advances per
+    optimiser update or, as the original, per PPO step (`ppo.lr_schedule_unit`)."""
+    p = cfg.ppo
+    updates_per_step = p.ppo_epochs * (p.rollout_batch // p.step_batch)
+    optim = OptimConfig(**{k: cfg.optim[k] for k in cfg.optim.keys()})
+    if p.lr_schedule_unit == "rollout":
+        return make_optimizer(optim, steps, updates_per_unit=updates_per_step)
+    return make_optimizer(optim, steps * updates_per_step)
+
+
+def question_mark_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The original's cut tokens, found as it finds them: the first id of "?" and the last
+    id of "\n?" (1577 and 29973 for LLaMA's tokenizer)."""
+    return tokenizer.encode("?")[0], tokenizer.encode("\n?")[-1]
 
 
 def load_roles(cfg: Any) -> tuple[roles.PPOSpec, dict, dict]:
@@ -159,14 +180,15 @@ def run_ppo(cfg: Any) -> dict:
     steps = cfg.train.max_steps if cfg.train.max_steps > 0 else max(1, math.ceil(cfg.train.num_epochs * prompts
                                                                                  / p.rollout_batch))
     updates_per_step = p.ppo_epochs * (p.rollout_batch // p.step_batch)
-    optimizer, schedule = make_optimizer(OptimConfig(**{k: cfg.optim[k] for k in cfg.optim.keys()}),
-                                         steps * updates_per_step)
+    optimizer, schedule = ppo_optimizer(cfg, steps)
     hyper = ppo_hyper(cfg)
     sampling = SamplingConfig(max_new_tokens=p.response_len, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, cache_dtype=p.cache_dtype)
     weights = fact_reward.RewardWeights(p.rm_weight, p.correct_bonus, p.length_bonus, p.no_stop_penalty)
     rcfg = RolloutConfig(sampling, weights, with_facts=p.with_facts, template=cfg.data.template,
-                         pad_multiple=p.reward_pad_multiple, seed=cfg.seed)
+                         pad_multiple=p.reward_pad_multiple, seed=cfg.seed,
+                         cut_ids=question_mark_ids(tokenizer) if p.cut_at_question_mark else (),
+                         recompute_logprobs=p.old_logprobs == "recompute")
 
     frozen, frozen_sh = place_frozen(spec, frozen, mesh)
     rng = jax.random.PRNGKey(cfg.seed)

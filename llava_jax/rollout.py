@@ -2,12 +2,14 @@
 turn the scores into advantages.
 
 Per chunk of prompts (a loader batch; `ppo.rollout_batch` is several chunks when memory
-asks for it): one jitted pass runs the policy tower once and samples with the KV-cache
-sampler (log-probs kept); the host decodes the responses, checks correctness and builds
+asks for it): one jitted pass runs the policy tower once, samples with the KV-cache
+sampler (log-probs kept) and, as the original, optionally cuts each response at its '?'
+token (`cut_responses`); the host decodes the responses, checks correctness and builds
 the reward model's rating prompts (captions shuffled with a seed fixed by step, chunk and
 process, so a resumed run rebuilds the same inputs); a second jitted pass computes the
-reference log-probs, the values and the RM score (the reward tower, when it is another
-one, runs once there). Then the whole rollout batch gets its rewards, GAE advantages and
+reference log-probs, the values, the RM score (the reward tower, when it is another
+one, runs once there) and, when asked, the policy's own log-probs again by a teacher-forced
+pass (the original's "old" log-probs; the sampler's otherwise). Then the whole rollout batch gets its rewards, GAE advantages and
 returns in one jitted pass, so the whitening statistics are those of the global batch.
 """
 from __future__ import annotations
@@ -40,24 +42,51 @@ class RolloutConfig:
     template: str = "vicuna_v1"
     pad_multiple: int = 64
     seed: int = 0
+    cut_ids: tuple[int, ...] = ()  # the original's '?' cut (cut_responses); () = none
+    recompute_logprobs: bool = False  # old log-probs from a teacher-forced policy pass (the original)
 
 
-def generate_responses(spec: roles.PPOSpec, sampling: SamplingConfig, frozen: dict, params: dict, batch: dict,
-                       rng: jax.Array) -> dict:
+def cut_responses(tokens: jax.Array, mask: jax.Array, logprobs: jax.Array, cut_ids: tuple[int, ...],
+                  pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """LLaVA-RLHF's `truncate_after_eos_with_padding` with its additional tokens: the response
+    ends at its first EOS, or, overriding that, at the first occurrence of each of
+    `cut_ids` in turn (the last one present wins, even if an earlier listed id comes first);
+    the cut token is kept and what follows becomes padding. A response cut at '?' has lost its
+    EOS, so it counts as not stopped."""
+    n = tokens.shape[1]
+    position = jnp.arange(n)[None]
+    end = jnp.sum(mask, axis=-1) - 1  # our sampler already ends a response at its EOS
+    for token in cut_ids:
+        hit = (tokens == token) & mask
+        first = jnp.min(jnp.where(hit, position, n), axis=-1)
+        end = jnp.where(first < n, first, end)
+    keep = mask & (position <= end[:, None])
+    return jnp.where(keep, tokens, pad_id), keep, jnp.where(keep, logprobs, 0.0)
+
+
+def generate_responses(spec: roles.PPOSpec, sampling: SamplingConfig, cut_ids: tuple[int, ...], frozen: dict,
+                       params: dict, batch: dict, rng: jax.Array) -> dict:
     """Policy tower features (kept for every later pass) and sampled responses."""
     base = frozen["policy_base"]
     features = roles.vision_features(spec.policy_config, base, batch["pixel_values"])
     out = generate(spec.policy_config, base, Adapter(params["policy"], spec.policy_lora), batch["query_ids"],
                    batch["query_mask"], None, rng, sampling, vision_features=features)
-    return {"policy_features": features, "response": out["tokens"], "response_mask": out["mask"],
-            "logprobs": out["logprobs"]}
+    tokens, mask, logprobs = out["tokens"], out["mask"], out["logprobs"]
+    if cut_ids:
+        tokens, mask, logprobs = cut_responses(tokens, mask, logprobs, cut_ids, sampling.pad_id)
+    return {"policy_features": features, "response": tokens, "response_mask": mask, "logprobs": logprobs}
 
 
-def score_responses(spec: roles.PPOSpec, frozen: dict, params: dict, batch: dict) -> dict:
-    """Reference log-probs, values and the RM score of sampled responses."""
+def score_responses(spec: roles.PPOSpec, recompute_logprobs: bool, frozen: dict, params: dict, batch: dict) -> dict:
+    """Reference log-probs, values and the RM score of sampled responses (and the policy's
+    log-probs by a teacher-forced pass when `recompute_logprobs`)."""
     ref_logprobs, _ = roles.response_logprobs(spec, frozen["policy_base"], frozen["ref"], batch,
                                               batch["policy_features"])
     out = {"ref_logprobs": ref_logprobs}
+    if recompute_logprobs:  # pads get 0, as the sampler's (what the KL and the losses mask)
+        logprobs, _ = roles.response_logprobs(spec, frozen["policy_base"], params["policy"], batch,
+                                              batch["policy_features"])
+        out["logprobs"] = jnp.where(batch["response_mask"], logprobs, 0.0)
     if spec.shared_base:
         features = batch["policy_features"]
     else:
@@ -112,9 +141,10 @@ class Rollouts:
     def __init__(self, spec: roles.PPOSpec, hyper: ppo.PPOHyper, rcfg: RolloutConfig, tokenizer: Any,
                  prompt: Any, mesh: Any, frozen_sh: Any):
         self.spec, self.hyper, self.rcfg, self.tokenizer, self.prompt, self.mesh = spec, hyper, rcfg, tokenizer, prompt, mesh
-        self._generate = jax.jit(functools.partial(generate_responses, spec, rcfg.sampling),
+        self._generate = jax.jit(functools.partial(generate_responses, spec, rcfg.sampling, rcfg.cut_ids),
                                  in_shardings=(frozen_sh, None, None, None))
-        self._score = jax.jit(functools.partial(score_responses, spec), in_shardings=(frozen_sh, None, None))
+        self._score = jax.jit(functools.partial(score_responses, spec, rcfg.recompute_logprobs),
+                              in_shardings=(frozen_sh, None, None))
         self._finish = jax.jit(functools.partial(finish_rollout, hyper, rcfg.weights, rcfg.sampling.max_new_tokens,
                                                  rcfg.sampling.eos_id))
         self._concat = jax.jit(lambda chunks: jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *chunks))
@@ -145,17 +175,16 @@ class Rollouts:
         texts = fact_reward.response_texts(tokens, mask, self.tokenizer, rcfg.sampling.eos_id)
         metas = host["meta"]
         correct = np.asarray([fact_reward.correctness(t, c) for t, c in zip(texts, host["caption_type"])], np.float32)
-        reward_ids, reward_mask = fact_reward.reward_inputs(
-            metas, texts, self.tokenizer, self.prompt, with_facts=rcfg.with_facts,
-            num_image_tokens=spec.reward_config.num_image_tokens, image_token_index=spec.reward_config.image_token_index,
-            template=rcfg.template, seed=seed, pad_id=self.tokenizer.pad_id, pad_multiple=rcfg.pad_multiple)
+        # The reward tower's view of the query: its own image layout when it is another tower.
+        query = (inputs["value_query_ids"], inputs["value_query_mask"]) if not spec.shared_base else (
+            host["input_ids"], host["attention_mask"])
+        build = functools.partial(fact_reward.reward_inputs, metas, *query, tokens, mask, self.tokenizer, self.prompt,
+                                  with_facts=rcfg.with_facts, template=rcfg.template, seed=seed,
+                                  pad_id=self.tokenizer.pad_id)
+        reward_ids, reward_mask = build(pad_multiple=rcfg.pad_multiple)
         width = agree_width(reward_ids.shape[1])
         if width > reward_ids.shape[1]:
-            reward_ids, reward_mask = fact_reward.reward_inputs(
-                metas, texts, self.tokenizer, self.prompt, with_facts=rcfg.with_facts,
-                num_image_tokens=spec.reward_config.num_image_tokens,
-                image_token_index=spec.reward_config.image_token_index, template=rcfg.template, seed=seed,
-                pad_id=self.tokenizer.pad_id, length=width)
+            reward_ids, reward_mask = build(length=width)
         extra = self.to_device({"reward_ids": reward_ids, "reward_mask": reward_mask, "correct": correct})
         scored = self._score(frozen, params, {**batch, **generated, **extra})
         rollout = {**batch, **generated, **scored, "correct": extra["correct"]}

@@ -2,8 +2,14 @@
 """Answers for an eval question file (LLaVA model_vqa, POPE or MMHal-Bench), batched.
 
   python scripts/generate.py --ckpt CKPT [--adapter policy] --tokenizer DIR --questions FILE \\
-      --image-folder DIR --format vqa|pope|mmhal --out FILE [--temperature 0] [--top-p 1] --max-new-tokens 128
+      --image-folder DIR --format vqa|pope|mmhal --out FILE [--protocol llava-rlhf] \\
+      [--template vicuna_v1] [--temperature 0] [--top-p 1] [--max-new-tokens 128] [--question-suffix TEXT]
 
+`--protocol llava-rlhf` prompts and decodes exactly as LLaVA-RLHF's published evaluation
+(llava_v1 template; POPE: "\\nAnswer the question using a single word or phrase." after each
+question, temperature 0.2, 64 new tokens; LLaVA-Bench (vqa): temperature 0.2, 1024 tokens;
+MMHal-Bench: greedy, 1024 tokens), so the numbers compare with the paper's tables; flags
+given explicitly still win. The default protocol: vicuna_v1, greedy, 128 tokens, no suffix.
 Temperature 0 is greedy. Resumable: questions already answered in --out are skipped. POPE
 also prints accuracy, precision, recall, F1 and yes-ratio (as the POPE evaluation computes
 them, per `category` when the file has one). MMHal-Bench answers are the items with
@@ -73,12 +79,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--image-folder", default="")
     p.add_argument("--format", choices=("vqa", "pope", "mmhal"), required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--protocol", default="default", choices=("default", "llava-rlhf"),
+                   help="template, question suffix, temperature and length of a published evaluation")
+    p.add_argument("--temperature", type=float, help="(protocol's) 0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, help="(protocol's)")
+    p.add_argument("--question-suffix", help="text appended to every question (protocol's)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--template", default="vicuna_v1")
+    p.add_argument("--template", help="conversation template (protocol's)")
     p.add_argument("--max-length", type=int, default=2048, help="longest prompt (tokens, image included)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--model-id", help="model_id written into answers (default: checkpoint[/adapter] name)")
@@ -87,12 +96,20 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     from llava_jax.answer import answer_batches, load_answering_model
     from llava_jax.data import EvalDataset, load_tokenizer, make_answer, vision_kwargs
+    from llava_jax.data.eval_data import PROTOCOLS
     from llava_jax.sampling import SamplingConfig
 
+    protocol = PROTOCOLS[a.protocol][a.format]
+    for field in ("template", "temperature", "max_new_tokens"):
+        if getattr(a, field) is None:
+            setattr(a, field, getattr(protocol, field))
+    suffix = protocol.suffix if a.question_suffix is None else a.question_suffix
+    print(f"protocol {a.protocol}: template {a.template}, temperature {a.temperature}, max_new_tokens "
+          f"{a.max_new_tokens}, question suffix {suffix!r}")
     config, base, adapter = load_answering_model(a.ckpt, a.adapter, a.dtype)
     tokenizer = load_tokenizer(a.tokenizer)
     dataset = EvalDataset(a.questions, tokenizer, fmt=a.format, image_folder=a.image_folder, template=a.template,
-                          max_length=a.max_length, **vision_kwargs(config))
+                          max_length=a.max_length, suffix=suffix, **vision_kwargs(config))
     answers = read_answers(a.out, a.format)
     done = {_key(ans, a.format) for ans in answers}
     total = len(dataset.items)

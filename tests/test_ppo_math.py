@@ -32,7 +32,7 @@ def np_gae(rewards, values, mask, gamma, lam):
 
 def np_whiten(x, mask, shift_mean=True):
     v = x[mask]
-    out = (x - v.mean()) / np.sqrt(v.var() + 1e-8)
+    out = (x - v.mean()) / (v.std() + 1e-8)
     if not shift_mean:
         out = out + v.mean()
     return np.where(mask, out, 0.0)
@@ -142,6 +142,23 @@ def test_adaptive_kl_controller():
     assert ppo.adaptive_kl_coef(0.1, 3.0, 6.0, 10000, 512) == pytest.approx(0.1 * (1 - 0.2 * 512 / 10000))
 
 
+def _sampled(tokenizer, query: str, responses: list[str], stopped: list[bool], n_image=4, width=40):
+    """Left-padded query ids and right-padded response ids, as a rollout holds them."""
+    from llava_jax.data.templates import encode_prompt
+
+    q = encode_prompt([Turn(USER, query)], tokenizer, "vicuna_v1", num_image_tokens=n_image,
+                      image_token_index=511).ids
+    query_ids = np.zeros((len(responses), len(q) + 2), np.int32)
+    query_mask = np.zeros_like(query_ids)
+    query_ids[:, 2:], query_mask[:, 2:] = q, 1
+    response = np.zeros((len(responses), width), np.int32)
+    response_mask = np.zeros_like(response)
+    for i, (text, stop) in enumerate(zip(responses, stopped)):
+        ids = tokenizer.encode(text) + ([tokenizer.eos_id] if stop else [])
+        response[i, :len(ids)], response_mask[i, :len(ids)] = ids, 1
+    return query_ids, query_mask, response, response_mask
+
+
 def test_reward_model_input_of_a_known_item():
     """The bug that broke users of the original: the RM must see the conversation, the rating
     turn with the item's captions, and be read at the last token of the score phrase."""
@@ -151,10 +168,10 @@ def test_reward_model_input_of_a_known_item():
     tokenizer = load_tokenizer("data/toy/tokenizer")
     prompt = RewardPrompt.from_file()
     captions = ["A red square in the top left.", "Two shapes on grey.", "A blue circle at the bottom."]
-    meta = {"image": "shapes_000.png", "captions": captions,
-            "query_turn": Turn(USER, "What shapes are in the image?")}  # as the dataset gives it
-    ids, mask = fact_reward.reward_inputs([meta, None], ["A red square and a blue circle.", ""], tokenizer, prompt,
-                                          with_facts=True, num_image_tokens=4, image_token_index=511,
+    meta = {"image": "shapes_000.png", "captions": captions}
+    sampled = _sampled(tokenizer, "What shapes are in the image?", ["A red square and a blue circle.", ""],
+                       [True, True])
+    ids, mask = fact_reward.reward_inputs([meta, None], *sampled, tokenizer, prompt, with_facts=True,
                                           template="vicuna_v1", seed=(0, 1, 0, 0), pad_id=tokenizer.pad_id,
                                           pad_multiple=64)
     assert ids.shape[1] % 64 == 0 and mask[0].sum() < ids.shape[1] and mask[1].sum() == 1
@@ -171,9 +188,9 @@ def test_reward_model_input_of_a_known_item():
     positions = [text.index(c) for c in order]
     assert positions == sorted(positions)  # captions in the seeded order, all present
     assert order != captions or order != list(reversed(captions))
-    no_facts, no_mask = fact_reward.reward_inputs([meta], ["A red square."], tokenizer, prompt, with_facts=False,
-                                                  num_image_tokens=4, image_token_index=511, template="vicuna_v1",
-                                                  seed=(0,), pad_id=tokenizer.pad_id)
+    no_facts, no_mask = fact_reward.reward_inputs([meta], *(x[:1] for x in sampled), tokenizer, prompt,
+                                                  with_facts=False, template="vicuna_v1", seed=(0,),
+                                                  pad_id=tokenizer.pad_id)
     plain = tokenizer.decode([int(t) for t, m in zip(no_facts[0], no_mask[0]) if m and t != 511])
     assert all(c not in plain for c in captions) and plain.endswith(prompt.assistant)
 

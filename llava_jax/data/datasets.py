@@ -261,7 +261,7 @@ class RLPromptDataset(RecordDataset):
             raise SkipRecord("too_long", f"query of {text_tokens} tokens > max_query_tokens {self.max_query_tokens}")
         self._fit(item, encoded, cut=False)
         example = {"input_ids": encoded.ids, "caption_type": d["caption_type"], "length_bonus": d["length_bonus"],
-                   "meta": {"id": d["id"], "captions": d["captions"], "question": d["query"].text, "query_turn": d["query"],
+                   "meta": {"id": d["id"], "captions": d["captions"], "question": d["query"].text,
                             "answer": CAPTION_TYPE_ANSWERS[d["caption_type"]]}}
         if self.reward_image_processor is None:
             example["pixel_values"] = self._image(item)

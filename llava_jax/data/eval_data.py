@@ -24,6 +24,31 @@ EVAL_FORMATS = ("vqa", "pope", "mmhal")
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalProtocol:
+    """How a published evaluation prompts and decodes (a question file's format picks one)."""
+
+    template: str = "vicuna_v1"
+    suffix: str = ""  # appended to every question
+    temperature: float = 0.0
+    max_new_tokens: int = 128
+
+
+# LLaVA-RLHF's runs (Eval/eval_scripts/*.sh over Eval/model_vqa*.py), per question-file format:
+# POPE is model_vqa.py --short_eval True with its single-word test prompt; LLaVA-Bench is
+# model_vqa.py --test-prompt ''; MMHal-Bench is model_vqa_mmhal.py --temperature 0.0
+# --test-prompt ''. All use --conv-mode llava_v1 and pad images to squares. Their top_p is
+# None, i.e. the checkpoint's generation_config (1.0 unless it says otherwise).
+PROTOCOLS: dict[str, dict[str, EvalProtocol]] = {
+    "default": {fmt: EvalProtocol() for fmt in EVAL_FORMATS},
+    "llava-rlhf": {
+        "pope": EvalProtocol("llava_v1", "\nAnswer the question using a single word or phrase.", 0.2, 64),
+        "vqa": EvalProtocol("llava_v1", "", 0.2, 1024),
+        "mmhal": EvalProtocol("llava_v1", "", 0.0, 1024),
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalQuestion:
     question_id: Any
     text: str
@@ -62,15 +87,15 @@ def parse_question(record: Any, index: int, fmt: str) -> EvalQuestion:
 
 
 class EvalDataset(RecordDataset):
-    """Questions as generation prompts (pad LEFT); meta carries the `EvalQuestion`.
+    """Questions (+ `suffix`) as generation prompts (pad LEFT); meta carries the `EvalQuestion`.
 
     Use the loader with `shuffle=False, num_epochs=1, drop_remainder=False` so every
     question is seen once; padding slots have `valid == 0`."""
 
     kind = "eval"
 
-    def __init__(self, path: str, tokenizer, *, fmt: str | None = None, **kwargs):
-        self.fmt = fmt
+    def __init__(self, path: str, tokenizer, *, fmt: str | None = None, suffix: str = "", **kwargs):
+        self.fmt, self.suffix = fmt, suffix
         super().__init__(path, tokenizer, **kwargs)
         self.schema = Schema(sequences={"input_ids": tokenizer.pad_id}, masks={"attention_mask": "input_ids"},
                              images={"pixel_values": self.image_processor.shape})
@@ -86,9 +111,11 @@ class EvalDataset(RecordDataset):
 
     def _build(self, item):
         question = item.data["question"]
-        encoded = encode_prompt([Turn(USER, question.text.replace("<image>", "").strip())], self.tokenizer,
-                                self.template, num_image_tokens=self._n_image(item),
-                                image_token_index=self.image_token_index)
+        text = question.text  # as LLaVA's model_vqa: stripped only where it held the placeholder
+        if "<image>" in text:
+            text = text.replace("<image>", "").strip()
+        encoded = encode_prompt([Turn(USER, text + self.suffix)], self.tokenizer, self.template,
+                                num_image_tokens=self._n_image(item), image_token_index=self.image_token_index)
         encoded = self._fit(item, encoded, cut=False)
         return {"input_ids": encoded.ids, "pixel_values": self._image(item), "meta": {"question": question}}
 

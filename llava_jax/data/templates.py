@@ -1,9 +1,11 @@
 """Conversation templates: turns -> token ids with image placeholders and a loss mask.
 
-Two built-in templates, plus `register_template` for more:
+Three built-in templates, plus `register_template` for more:
 
-* `vicuna_v1` (LLaVA-RLHF default, LLaVA's "v1"): the text it stands for is
+* `vicuna_v1` (LLaVA-RLHF's training default, LLaVA's "v1"): the text it stands for is
   ``SYSTEM USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>``.
+* `llava_v1` (the default of LLaVA's and LLaVA-RLHF's evaluation scripts): the same layout
+  with LLaVA's own system line ("... a curious human ...").
 * `plain` (stage-1 feature alignment): ``<image>A1\\n``; the user text is ignored.
 
 The ids are built piece by piece: BOS, text pieces, `num_image_tokens` copies of
@@ -31,6 +33,9 @@ _ROLE_ALIASES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASS
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +95,10 @@ def get_template(name: str | Template) -> Template:
     return _REGISTRY[name]
 
 
-register_template(Template("vicuna_v1"), "v1", "llava_v1")
+register_template(Template("vicuna_v1"), "v1")
+# LLaVA's conv_llava_v1: vicuna_v1's layout with its own system line; the default of
+# LLaVA's and LLaVA-RLHF's evaluation scripts (model_vqa*.py --conv-mode).
+register_template(Template("llava_v1", system=LLAVA_SYSTEM))
 register_template(Template("plain", style="plain", system=""))
 
 
@@ -103,7 +111,8 @@ class ConversationError(ValueError):
 
 
 def normalize_turns(conversation: Iterable[Mapping]) -> list[Turn]:
-    """LLaVA `[{from, value}, ...]` -> alternating user/assistant `Turn`s, `<image>` removed.
+    """LLaVA `[{from, value}, ...]` -> alternating user/assistant `Turn`s, `<image>` removed
+    (and, as LLaVA, whitespace stripped from that turn only; every other turn kept as written).
 
     As LLaVA does, a leading assistant turn is dropped. Raises ConversationError
     (reason "empty_conversation", "missing_field" or "bad_roles")."""
@@ -114,7 +123,10 @@ def normalize_turns(conversation: Iterable[Mapping]) -> list[Turn]:
         role = _ROLE_ALIASES.get(str(msg["from"]).lower())
         if role is None:
             raise ConversationError("bad_roles", f"turn {k} has unknown role {msg['from']!r}")
-        turns.append(Turn(role, msg["value"].replace(IMAGE_PLACEHOLDER, "").strip()))
+        text = msg["value"]
+        if IMAGE_PLACEHOLDER in text:  # as LLaVA's preprocess_multimodal: only the image turn is stripped
+            text = text.replace(IMAGE_PLACEHOLDER, "").strip()
+        turns.append(Turn(role, text))
     if turns and turns[0].role == ASSISTANT:
         turns = turns[1:]
     if not turns:
@@ -123,6 +135,13 @@ def normalize_turns(conversation: Iterable[Mapping]) -> list[Turn]:
         if turn.role != (USER, ASSISTANT)[k % 2]:
             raise ConversationError("bad_roles", f"roles do not alternate at turn {k}")
     return turns
+
+
+def user_turn_text(text: str, template: str | Template = "vicuna_v1") -> str:
+    """A later user turn as its template writes it, up to the assistant's role ("USER: text
+    ASSISTANT:"): the piece `encode_prompt` encodes after an assistant's `</s>`."""
+    template = get_template(template)
+    return f"{template.roles[0]}: {text}{template.sep}{template.roles[1]}:"
 
 
 def _pieces(turns: Sequence[Turn], template: Template, has_image: bool, generation: bool):
