@@ -45,6 +45,7 @@ class PPOHyper:
     whiten_rewards: bool = False
     whiten_over_pads: bool = False
     loss_over_pads: bool = False
+    exact_ratio: bool = False  # rematerialise the policy forward (see policy_value_outputs)
     grad_accum: int = 1
 
     def __post_init__(self):
@@ -189,13 +190,27 @@ def objective_sums(hyper: PPOHyper, logp: jax.Array, entropy: jax.Array, values:
     return pg_sum + hyper.vf_coef * vf_sum, aux
 
 
+def policy_value_outputs(spec: roles.PPOSpec, params: dict, frozen: dict, batch: dict,
+                         exact_ratio: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The trained roles on rollouts: the policy's log-probs and entropies and the value's
+    estimates [B, N]. The update's forward, and (ppo.old_logprobs = "recompute") the pass
+    that gives a rollout its old log-probs and values. Under autodiff XLA may fuse a forward
+    otherwise than alone (measured: 1-ulp log-prob differences on XLA:CPU), so `exact_ratio`
+    rematerialises the policy's forward (jax.checkpoint: one more policy forward per update):
+    its values are then the rollout pass's bit for bit and the first update's ratio is 1."""
+    def policy(adapter_params):
+        return roles.response_logprobs(spec, frozen["policy_base"], adapter_params, batch, batch["policy_features"])
+
+    logp, entropy = (jax.checkpoint(policy) if exact_ratio else policy)(params["policy"])
+    values = roles.response_values(spec, roles.reward_base(spec, frozen), params["value"], params["value_head"],
+                                   batch, batch.get("reward_features", batch["policy_features"]))
+    return logp, entropy, values
+
+
 def ppo_loss_sums(spec: roles.PPOSpec, hyper: PPOHyper, params: dict, frozen: dict,
                   batch: dict) -> tuple[jax.Array, dict]:
     """`objective_sums` of a minibatch under the current policy and value."""
-    logp, entropy = roles.response_logprobs(spec, frozen["policy_base"], params["policy"], batch,
-                                            batch["policy_features"])
-    values = roles.response_values(spec, roles.reward_base(spec, frozen), params["value"], params["value_head"],
-                                   batch, batch.get("reward_features", batch["policy_features"]))
+    logp, entropy, values = policy_value_outputs(spec, params, frozen, batch, hyper.exact_ratio)
     return objective_sums(hyper, logp, entropy, values, batch)
 
 

@@ -62,7 +62,8 @@ def ppo_hyper(cfg: Any) -> ppo.PPOHyper:
     p = cfg.ppo
     return ppo.PPOHyper(clip=p.clip, value_clip=p.value_clip, vf_coef=p.vf_coef, gamma=p.gamma, lam=p.lam,
                         kl_estimator=p.kl_estimator, reward_scale=p.reward_scale, whiten_rewards=p.whiten_rewards,
-                        whiten_over_pads=p.whiten_over_pads, loss_over_pads=p.loss_over_pads, grad_accum=p.grad_accum)
+                        whiten_over_pads=p.whiten_over_pads, loss_over_pads=p.loss_over_pads,
+                        exact_ratio=p.old_logprobs == "recompute", grad_accum=p.grad_accum)
 
 
 def ppo_optimizer(cfg: Any, steps: int) -> tuple[Any, Any]:
@@ -77,9 +78,15 @@ def ppo_optimizer(cfg: Any, steps: int) -> tuple[Any, Any]:
 
 
 def question_mark_ids(tokenizer: Any) -> tuple[int, ...]:
-    """The original's cut tokens, found as it finds them: the first id of "?" and the last
-    id of "\n?" (1577 and 29973 for LLaMA's tokenizer)."""
-    return tokenizer.encode("?")[0], tokenizer.encode("\n?")[-1]
+    """The original's cut tokens: the last id of "?" and of "\\n?", "?" after a word prefix
+    and without one (1577 and 29973 for LLaMA's tokenizer, where the original asserts them;
+    one id for tokenizers that split the prefix off)."""
+    ids = tuple(dict.fromkeys(tokenizer.encode(text)[-1] for text in ("?", "\n?")))
+    for i in ids:
+        if tokenizer.decode([i]).strip() != "?":
+            raise ValueError(f"ppo.cut_at_question_mark: token {i} of this tokenizer is "
+                             f"{tokenizer.decode([i])!r}, not '?'")
+    return ids
 
 
 def load_roles(cfg: Any) -> tuple[roles.PPOSpec, dict, dict]:

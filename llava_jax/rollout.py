@@ -7,9 +7,10 @@ sampler (log-probs kept) and, as the original, optionally cuts each response at 
 token (`cut_responses`); the host decodes the responses, checks correctness and builds
 the reward model's rating prompts (captions shuffled with a seed fixed by step, chunk and
 process, so a resumed run rebuilds the same inputs); a second jitted pass computes the
-reference log-probs, the values, the RM score (the reward tower, when it is another
-one, runs once there) and, when asked, the policy's own log-probs again by a teacher-forced
-pass (the original's "old" log-probs; the sampler's otherwise). Then the whole rollout batch gets its rewards, GAE advantages and
+reference log-probs, the values and the RM score (the reward tower, when it is another
+one, runs once there); with `recompute_logprobs` a third pass, the update's own forward,
+gives the old log-probs and values (the original's teacher-forced pass; otherwise the
+sampler's log-probs). Then the whole rollout batch gets its rewards, GAE advantages and
 returns in one jitted pass, so the whitening statistics are those of the global batch.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ class RolloutConfig:
     pad_multiple: int = 64
     seed: int = 0
     cut_ids: tuple[int, ...] = ()  # the original's '?' cut (cut_responses); () = none
-    recompute_logprobs: bool = False  # old log-probs from a teacher-forced policy pass (the original)
+    recompute_logprobs: bool = False  # old log-probs and values from the update's forward (the original)
 
 
 def cut_responses(tokens: jax.Array, mask: jax.Array, logprobs: jax.Array, cut_ids: tuple[int, ...],
@@ -77,26 +78,29 @@ def generate_responses(spec: roles.PPOSpec, sampling: SamplingConfig, cut_ids: t
     return {"policy_features": features, "response": tokens, "response_mask": mask, "logprobs": logprobs}
 
 
-def score_responses(spec: roles.PPOSpec, recompute_logprobs: bool, frozen: dict, params: dict, batch: dict) -> dict:
-    """Reference log-probs, values and the RM score of sampled responses (and the policy's
-    log-probs by a teacher-forced pass when `recompute_logprobs`)."""
+def score_responses(spec: roles.PPOSpec, with_values: bool, frozen: dict, params: dict, batch: dict) -> dict:
+    """Reference log-probs, the RM score and (`with_values`) the values of sampled responses."""
     ref_logprobs, _ = roles.response_logprobs(spec, frozen["policy_base"], frozen["ref"], batch,
                                               batch["policy_features"])
     out = {"ref_logprobs": ref_logprobs}
-    if recompute_logprobs:  # pads get 0, as the sampler's (what the KL and the losses mask)
-        logprobs, _ = roles.response_logprobs(spec, frozen["policy_base"], params["policy"], batch,
-                                              batch["policy_features"])
-        out["logprobs"] = jnp.where(batch["response_mask"], logprobs, 0.0)
     if spec.shared_base:
         features = batch["policy_features"]
     else:
         features = out["reward_features"] = roles.vision_features(spec.reward_config, frozen["reward_base"],
                                                                   batch["reward_pixel_values"])
     base = roles.reward_base(spec, frozen)
-    out["values"] = roles.response_values(spec, base, params["value"], params["value_head"], batch, features)
+    if with_values:
+        out["values"] = roles.response_values(spec, base, params["value"], params["value_head"], batch, features)
     out["rm_raw"] = roles.reward_model_scores(spec, base, frozen["reward"], frozen["reward_head"], batch["reward_ids"],
                                               batch["reward_mask"], features)
     return out
+
+
+def recompute_old(spec: roles.PPOSpec, frozen: dict, params: dict, batch: dict) -> dict:
+    """The rollout's old log-probs and values by the update's own forward (the original's
+    teacher-forced pass); its own jitted pass, as the update is, so the numbers match it."""
+    logprobs, _, values = ppo.policy_value_outputs(spec, params, frozen, batch, exact_ratio=True)
+    return {"logprobs": jnp.where(batch["response_mask"], logprobs, 0.0), "values": values}
 
 
 def finish_rollout(hyper: ppo.PPOHyper, weights: fact_reward.RewardWeights, response_len: int, eos_id: int,
@@ -143,8 +147,9 @@ class Rollouts:
         self.spec, self.hyper, self.rcfg, self.tokenizer, self.prompt, self.mesh = spec, hyper, rcfg, tokenizer, prompt, mesh
         self._generate = jax.jit(functools.partial(generate_responses, spec, rcfg.sampling, rcfg.cut_ids),
                                  in_shardings=(frozen_sh, None, None, None))
-        self._score = jax.jit(functools.partial(score_responses, spec, rcfg.recompute_logprobs),
+        self._score = jax.jit(functools.partial(score_responses, spec, not rcfg.recompute_logprobs),
                               in_shardings=(frozen_sh, None, None))
+        self._recompute = jax.jit(functools.partial(recompute_old, spec), in_shardings=(frozen_sh, None, None))
         self._finish = jax.jit(functools.partial(finish_rollout, hyper, rcfg.weights, rcfg.sampling.max_new_tokens,
                                                  rcfg.sampling.eos_id))
         self._concat = jax.jit(lambda chunks: jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *chunks))
@@ -188,6 +193,8 @@ class Rollouts:
         extra = self.to_device({"reward_ids": reward_ids, "reward_mask": reward_mask, "correct": correct})
         scored = self._score(frozen, params, {**batch, **generated, **extra})
         rollout = {**batch, **generated, **scored, "correct": extra["correct"]}
+        if self.rcfg.recompute_logprobs:
+            rollout.update(self._recompute(frozen, params, rollout))
         for key in ("pixel_values", "reward_pixel_values"):
             rollout.pop(key, None)
         jax.block_until_ready(rollout)

@@ -130,3 +130,25 @@ def test_value_and_reward_on_a_second_base_with_its_own_tower(world, tmp_path):
     rows = _metrics(cfg.workdir)
     assert len(rows) == 2 and all(np.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
     assert rows[0]["rm_score"] != 0 and rows[1]["value_mean"] != 0  # the value head trained on the second base
+
+
+ORIGINAL_RECIPE = {"ppo.whiten_over_pads": True, "ppo.loss_over_pads": True, "ppo.cut_at_question_mark": True,
+                   "ppo.lr_schedule_unit": "rollout", "ppo.old_logprobs": "recompute"}
+
+
+@pytest.mark.parametrize("old_logprobs", ["recompute", "sampler"])
+def test_original_recipe_in_bfloat16(world, tmp_path, old_logprobs):
+    """ppo_7b/13b's settings (the original's) in bfloat16: the whole first rollout trains at
+    lr 0, so every one of its updates sees the rollout's own policy. With the old log-probs
+    recomputed by a teacher-forced pass the ratio is then exactly 1 (approx_kl 0, nothing
+    clipped); the sampler's bfloat16 log-probs are off from that pass (the KL starts biased)."""
+    cfg = ppo_config(tmp_path / old_logprobs, *world, steps=1)
+    cfg.update_from_flattened_dict({**ORIGINAL_RECIPE, "ppo.old_logprobs": old_logprobs})
+    cfg.model.dtype = cfg.model.param_dtype = "bfloat16"
+    run_ppo(cfg)
+    (first,) = _metrics(cfg.workdir)
+    assert first["lr"] == 0.0  # the schedule itself: test_fidelity.py
+    if old_logprobs == "recompute":
+        assert first["approx_kl"] == 0.0 and first["policy_clipfrac"] == 0.0
+    else:
+        assert first["approx_kl"] > 1e-6

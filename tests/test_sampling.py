@@ -179,3 +179,29 @@ def test_sampler_under_a_mesh_with_sharded_weights_and_cache(world):
         run = jax.jit(lambda p, i, m, x: generate(config, p, None, i, m, x, jax.random.PRNGKey(0), sampling))
         out = run(sharded, *batch)
     np.testing.assert_array_equal(np.asarray(out["tokens"]), single)
+
+
+def test_the_image_placeholder_is_never_sampled(world):
+    """Sampled, the placeholder id would be read as an image slot by every later teacher-forced
+    pass. With the LM head pushed towards it (the favourite at many steps), greedy and sampled
+    decoding still avoid it, and the log-probs stay those of the unmodified distribution (what
+    those passes compute)."""
+    _, config, base = world
+    ids, mask, pixels = _prompts(config, with_image=True)
+    index = config.image_token_index
+    assert 0 <= index < config.text.vocab_size
+    head = jnp.asarray(base["llm"]["lm_head"]["kernel"])
+    pushed = {**base, "llm": {**base["llm"], "lm_head": {"kernel": head.at[:, index].add(5.0 * jnp.abs(head).max())}}}
+    for temperature in (0.0, 1.0):
+        sampling = SamplingConfig(max_new_tokens=6, temperature=temperature, eos_id=None, cache_dtype="float32")
+        out = generate(config, pushed, None, ids, mask, pixels, jax.random.PRNGKey(2), sampling)
+        tokens = np.asarray(out["tokens"])
+        assert not (tokens == index).any()
+        full_ids = np.concatenate([ids, tokens], 1)
+        logits = np.asarray(lora.forward(config, pushed, None, full_ids, pixels,
+                                         np.concatenate([mask, np.ones_like(tokens)], 1)))
+        tp = ids.shape[1]
+        scaled = logits[:, tp - 1:-1] / (temperature or 1.0)
+        assert (scaled.argmax(-1) == index).mean() > 0.2  # unmasked, often every step's favourite
+        expected = np.take_along_axis(np.asarray(jax.nn.log_softmax(scaled, axis=-1)), tokens[..., None], -1)[..., 0]
+        np.testing.assert_allclose(np.asarray(out["logprobs"]), expected, rtol=1e-4, atol=1e-4)
