@@ -7,7 +7,10 @@ cosine with 5 warmup steps, no weight decay, clip 1.0; k1 KL clamped at 0 with a
 coefficient 0.1; policy/value clip 0.2, vf_coef 0.1; GAE gamma = lambda = 1; shaped rewards
 x10; advantages whitened over the global batch; rollout batch 512, step batch 256, 2 PPO
 epochs per rollout, 4 epochs over the prompts; temperature 1; queries <= 128 tokens,
-responses <= 896; checkpoints every 10 steps."""
+responses <= 896; checkpoints every 10 steps. The original's behaviour, quirks included
+(configs/common.py's defaults, README "PPO: where we differ from the original"): pads
+in the advantage whitening and in both losses, responses cut at '?', the lr schedule stepped
+once per PPO step, old log-probs from a teacher-forced pass."""
 from configs.common import base_config
 
 

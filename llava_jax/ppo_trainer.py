@@ -10,7 +10,6 @@ a run killed mid-rollout resumes to the same rollouts and metrics.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 from typing import Any
@@ -184,8 +183,9 @@ def run_ppo(cfg: Any) -> dict:
     loader, tokenizer, prompt = build_prompts(cfg, spec)
     chunks_per_step = p.rollout_batch // (p.rollout_chunk or p.rollout_batch)
     prompts = len(loader.dataset.items)
-    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else max(1, math.ceil(cfg.train.num_epochs * prompts
-                                                                                 / p.rollout_batch))
+    # The original's count: prompts x epochs // rollout_batch (a partial last rollout batch is not run).
+    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else max(1, int(cfg.train.num_epochs * prompts)
+                                                                     // p.rollout_batch)
     updates_per_step = p.ppo_epochs * (p.rollout_batch // p.step_batch)
     optimizer, schedule = ppo_optimizer(cfg, steps)
     hyper = ppo_hyper(cfg)

@@ -3,7 +3,6 @@
 conversation.py and train.py; Eval/model_vqa.py): one test per row of the README's table of
 differences, on padded batches with and without EOS. The references are ports of the
 original's semantics in PyTorch / plain Python, not our code."""
-import os
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from llava_jax import fact_reward, ppo, rollout
-from llava_jax.data.templates import ASSISTANT, USER, Turn, encode_prompt, normalize_turns, render
+from llava_jax.data.templates import USER, Turn, encode_prompt, normalize_turns, render
 
 B, N = 4, 7
 # Right-padded responses: stopped (EOS inside), stopped at the last position, cut short at

@@ -49,6 +49,18 @@ def test_pope_answers_resume_and_scores(tiny_ckpt, tmp_path, capsys):
     assert len(labels) == 12
 
 
+def test_llava_rlhf_protocol_settings_reach_the_run(tiny_ckpt, tmp_path, capsys):
+    """The protocol fills what the command line leaves unset (an explicit length still wins)."""
+    questions = tmp_path / "pope.jsonl"
+    questions.write_text("\n".join(open(f"{TOY_DIR}/eval/pope.jsonl").read().splitlines()[:4]) + "\n")
+    out = tmp_path / "protocol.jsonl"
+    generate_main(_args(tiny_ckpt, questions, "pope", out) + ["--protocol", "llava-rlhf"])
+    printed = capsys.readouterr().out
+    assert ("protocol llava-rlhf: template llava_v1, temperature 0.2, max_new_tokens 6, question suffix "
+            "'\\nAnswer the question using a single word or phrase.'") in printed
+    assert len(out.read_text().splitlines()) == 4
+
+
 def test_mmhal_answers_and_judge_file(tiny_ckpt, tmp_path):
     items = json.load(open(f"{TOY_DIR}/eval/mmhal.json"))[:5]
     questions = tmp_path / "mmhal.json"
