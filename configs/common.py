@@ -18,6 +18,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"  # dtype of the frozen base on device
     c.model.remat = "none"  # none | full | dots | dots_no_batch
+    c.model.attention = "xla"  # whole-sequence attention: xla | flash (Pallas splash on TPU, cuDNN on GPU;
+    # Pallas interpret mode on CPU, for checking only) for training and scoring passes; the sampler stays on XLA
 
     c.train = ml_collections.ConfigDict()
     c.train.trainable = "projector+llm"  # projector | projector+llm | lora | lora+projector

@@ -2,11 +2,12 @@
 
 Everything is abstract: parameters are `jax.eval_shape` trees (no weights), every argument
 is a `ShapeDtypeStruct` carrying its `NamedSharding`, and each step is
-`jax.jit(...).lower(...).compile()`-d for the requested mesh; `compiled.memory_analysis()`
-then gives per-device argument / output / alias / temporary bytes. On a CPU host the mesh
-is made of forced host devices (`--xla_force_host_platform_device_count`), so the figures
-are XLA:CPU's buffer assignment for the real shardings: a close estimate of, not a
-guarantee for, what XLA:TPU / XLA:GPU will allocate (different fusions and layouts).
+`jax.jit(...).lower(...).compile()`-d for the requested mesh (`compile_report.py` reads
+the result). The mesh is either a TPU slice's compile-only devices (`targets.py`: the real
+TPU compiler, whose figures and out-of-memory refusals are what the chips will do), or
+forced host CPU devices (`--xla_force_host_platform_device_count`): XLA:CPU's buffer
+assignment for the real shardings, an estimate only (other fusions and layouts, bf16 dots
+in f32, no flash attention).
 
 Steps per stage (`STAGE_STEPS`) are built by `STEP_BUILDERS[name](ctx) -> Step`, each
 jitted exactly as the trainers jit it.
@@ -19,7 +20,6 @@ import functools
 import math
 import os
 import re
-import time
 from typing import Any, Callable
 
 import jax
@@ -27,13 +27,14 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from llava_jax import heads, lora as lora_lib, sharding, trainable
+from llava_jax.compile_report import Step, StepReport, compile_step, device_bytes
 from llava_jax.models.clip import ClipVisionConfig
 from llava_jax.models.llama import LlamaConfig
 from llava_jax.models.llava import LlavaConfig, init_params, logical_axes, tiny_config
 
 GiB = 2**30
 # Per-device memory of named accelerators (HBM per chip; H100 SXM).
-DEVICE_MEMORY = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "h100": 80 * GiB}
+DEVICE_MEMORY = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB, "h100": 80 * GiB}
 MODEL_PRESETS = ("7b", "13b", "tiny")
 STAGE_STEPS = {"sft": ("sft_step",), "rm": ("rm_step",), "ppo": ("rollout_generate", "ppo_step")}
 
@@ -124,8 +125,9 @@ def resolve_model(init: str, preset: str | None) -> tuple[LlavaConfig, str]:
 
 def with_runtime(cfg: Any, config: LlavaConfig, layers: int | None = None) -> LlavaConfig:
     """The config's dtype / param_dtype / remat knobs, and optionally another LLM depth."""
-    config = config.with_runtime(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                                 remat_policy=cfg.model.remat)
+    from llava_jax.trainer import runtime_knobs
+
+    config = config.with_runtime(**runtime_knobs(cfg))
     if layers:
         config = dataclasses.replace(config, text=dataclasses.replace(config.text, num_layers=layers))
     return config
@@ -137,23 +139,27 @@ def abstract_base(config: LlavaConfig) -> dict:
     return jax.eval_shape(lambda: trainable.cast_tree(init_params(config, jax.random.PRNGKey(0)), dtype))
 
 
+def llm_params(config: LlavaConfig) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_base(config)["llm"]))
+
+
+def step_flops(config: LlavaConfig, seqs: int, length: int, passes: int = 3) -> float:
+    """Model FLOPs of `seqs` sequences of `length` tokens through the LLM: 2 x params x tokens
+    per pass (3 passes: forward + backward) plus attention's 4 x layers x hidden x length per
+    token and pass (QK^T and PV, no causal saving). The vision tower (frozen, one forward) is
+    left out."""
+    tokens = seqs * length
+    text = config.text
+    return passes * (2.0 * llm_params(config) * tokens + 4.0 * text.num_layers * text.hidden_size * length * tokens)
+
+
 def lora_config(cfg: Any) -> lora_lib.LoraConfig:
     targets = tuple(t.strip() for t in cfg.train.lora_targets.split(",") if t.strip())
     return lora_lib.LoraConfig(rank=cfg.train.lora_rank, alpha=cfg.train.lora_alpha, dropout=cfg.train.lora_dropout,
                                targets=targets)
 
 
-# --------------------------------------------------------------------------- bytes
-
-def device_bytes(tree: Any) -> int:
-    """Bytes one device holds of `tree` (ShapeDtypeStructs with shardings, or arrays): each
-    leaf's shard shape; a replicated leaf counts whole on every device."""
-    total = 0
-    for leaf in jax.tree_util.tree_leaves(tree):
-        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
-    return total
-
+# --------------------------------------------------------------------------- trees
 
 def with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
@@ -181,22 +187,6 @@ class Context:
     config: LlavaConfig  # the (policy) model, runtime knobs applied
     reward_config: LlavaConfig | None = None  # ppo: a separate reward/value base (ppo.reward_base), else None
     rollout_batch: int = 0  # ppo: prompts per generate call (0: ppo.rollout_chunk, else ppo.rollout_batch)
-
-
-@dataclasses.dataclass
-class Step:
-    """One jitted step and its abstract arguments. `params` / `opt` are the trees the STAGE
-    keeps on the devices (they may hold more than this step's arguments, e.g. PPO's reward
-    base during the rollout); `state_in_args` is how many per-device bytes of them the
-    arguments already carry, so the step's own inputs are counted once."""
-
-    name: str
-    fn: Any
-    args: tuple
-    params: Any
-    opt: Any
-    state_in_args: int
-    note: str = ""
 
 
 def _optimizer(cfg: Any) -> tuple[Any, Any]:
@@ -247,8 +237,10 @@ def build_train_step(ctx: Context) -> Step:
     batch = train_batch(cfg, config, mesh)
     b, t = batch["input_ids"].shape[0], batch["input_ids"].shape[-1]
     note = f"batch {b}{' pairs' if cfg.stage == 'rm' else ''} x {t} tokens, grad_accum {cfg.train.grad_accum}"
+    seqs = b * (2 if cfg.stage == "rm" else 1)
     return Step(f"{cfg.stage}_step", fn, (state, frozen, batch), params=(state.params, frozen), opt=state.opt_state,
-                state_in_args=device_bytes((state.params, frozen, state.opt_state)), note=note)
+                state_in_args=device_bytes((state.params, frozen, state.opt_state)), note=note,
+                model_flops=step_flops(config, seqs, t))
 
 
 def _adapters_over(base: dict, config: LlavaConfig, lcfg: lora_lib.LoraConfig, mesh: Mesh) -> dict:
@@ -314,7 +306,8 @@ def build_rollout(ctx: Context) -> Step:
     note = (f"generate: {b} prompts x {prompt} + {cfg.ppo.response_len} new tokens, "
             f"{cfg.ppo.cache_dtype} KV cache")
     return Step("rollout_generate", fn, args, params=params, opt=opt,
-                state_in_args=device_bytes((base, adapter)), note=note)
+                state_in_args=device_bytes((base, adapter)), note=note,
+                model_flops=step_flops(config, b, prompt + cfg.ppo.response_len, passes=1))
 
 
 def build_ppo_step(ctx: Context) -> Step:
@@ -357,8 +350,10 @@ def build_ppo_step(ctx: Context) -> Step:
                       reward_features=((s, reward_cfg.num_image_tokens, reward_cfg.vision.hidden_size),
                                        feature_dtype))
     note = f"minibatch {s} rollouts x ({q} + {n}) tokens, grad_accum {cfg.ppo.grad_accum}"
+    flops = step_flops(policy_cfg, s, q + n) + step_flops(reward_cfg, s, q + n)  # policy and value
     return Step("ppo_step", fn, (state, frozen, _batch(mesh, arrays)), params=resident,
-                opt=state.opt_state, state_in_args=device_bytes((state.params, frozen, state.opt_state)), note=note)
+                opt=state.opt_state, state_in_args=device_bytes((state.params, frozen, state.opt_state)), note=note,
+                model_flops=flops)
 
 
 STEP_BUILDERS: dict[str, Callable[[Context], Step]] = {
@@ -369,46 +364,6 @@ STEP_BUILDERS: dict[str, Callable[[Context], Step]] = {
 
 # ------------------------------------------------------------------------- compile
 
-@dataclasses.dataclass
-class StepReport:
-    """Per-device bytes of one compiled step."""
-
-    name: str
-    note: str = ""
-    params: int = 0  # the stage's resident params (frozen + trainable)
-    opt: int = 0  # the stage's optimiser state
-    io: int = 0  # the step's other arguments (batch, step, rng) + outputs not aliased to donated inputs
-    temp: int = 0  # XLA temporaries: activations, gradients, caches, collectives' buffers
-    compile_seconds: float = 0.0  # lower + compile
-    memory: dict[str, int] = dataclasses.field(default_factory=dict)  # raw memory_analysis figures
-
-    @property
-    def total(self) -> int:
-        return self.params + self.opt + self.io + self.temp
-
-    def fits(self, device_memory: int) -> bool:
-        return self.total <= device_memory
-
-
-def compile_step(step: Step, mesh: Mesh) -> StepReport:
-    """Lowers and compiles `step` for `mesh` and reads its memory analysis."""
-    start = time.perf_counter()
-    # jax.set_mesh, not `with mesh:`: under the legacy context flax finds no mesh and drops
-    # every with_logical_constraint in the models without a word (seen with JAX 0.10).
-    with jax.set_mesh(mesh), sharding.activation_rules():
-        compiled = step.fn.lower(*step.args).compile()
-    seconds = time.perf_counter() - start
-    stats = compiled.memory_analysis()
-    if stats is None:
-        raise RuntimeError(f"{step.name}: this backend reports no memory analysis")
-    memory = {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
-    params, opt = device_bytes(step.params), device_bytes(step.opt)
-    # Our own count of the arguments, not XLA's: jit drops arguments the step never reads
-    # (lm_head in the RM, CLIP's last norm), but they still sit on the devices.
-    io = device_bytes(step.args) - step.state_in_args + memory["output"] - memory["alias"]
-    return StepReport(step.name, step.note, params, opt, io, memory["temp"], seconds, memory)
-
-
 def check(cfg: Any, mesh: Mesh, *, model: str | None = None, reward_model: str | None = None,
           layers: int | None = None, rollout_batch: int = 0, steps: tuple[str, ...] | None = None,
           log: Callable[[str], None] = print) -> list[StepReport]:
@@ -417,7 +372,7 @@ def check(cfg: Any, mesh: Mesh, *, model: str | None = None, reward_model: str |
     config = with_runtime(cfg, config, layers)
     log(f"model: {source}; {config.text.num_layers} LLM layers{' (--layers)' if layers else ''}, "
         f"hidden {config.text.hidden_size}, {config.num_image_tokens} image tokens; dtype {cfg.model.dtype}, "
-        f"params {cfg.model.param_dtype}, remat {cfg.model.remat}")
+        f"params {cfg.model.param_dtype}, remat {cfg.model.remat}, attention {cfg.model.attention}")
     reward_config = None
     if cfg.stage == "ppo" and cfg.ppo.reward_base:
         reward_config, rsource = resolve_model(cfg.ppo.reward_base, reward_model)
@@ -430,20 +385,10 @@ def check(cfg: Any, mesh: Mesh, *, model: str | None = None, reward_model: str |
             raise ValueError(f"unknown step {name!r}; expected one of {sorted(STEP_BUILDERS)}")
         step = STEP_BUILDERS[name](ctx)
         log(f"{name}: compiling ({step.note}) ...")
-        reports.append(compile_step(step, mesh))
-        log(f"{name}: compiled in {reports[-1].compile_seconds:.1f}s, {reports[-1].total / GiB:.3f} GiB per device")
+        report = compile_step(step, mesh)
+        reports.append(report)
+        if report.error:
+            log(f"{name}: the compiler refused it after {report.compile_seconds:.1f}s: {report.error}")
+        else:
+            log(f"{name}: compiled in {report.compile_seconds:.1f}s, {report.total / GiB:.3f} GiB per device")
     return reports
-
-
-def format_table(reports: list[StepReport], memories: dict[str, int]) -> str:
-    """A markdown table: per-device GiB (MiB for tiny models) and fits / no per named memory."""
-    unit, unit_name = (GiB, "GiB") if max((r.total for r in reports), default=0) >= GiB // 4 else (2**20, "MiB")
-    cols = ["step", f"params {unit_name}", f"opt state {unit_name}", f"batch+out {unit_name}",
-            f"temp {unit_name}", f"total {unit_name}", "compile s"]
-    cols += [f"{n} ({size / GiB:g} GiB)" if n in DEVICE_MEMORY else f"fits {n}" for n, size in memories.items()]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in reports:
-        cells = [r.name] + [f"{v / unit:.2f}" for v in (r.params, r.opt, r.io, r.temp, r.total)]
-        cells += [f"{r.compile_seconds:.1f}"] + ["yes" if r.fits(m) else "NO" for m in memories.values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)

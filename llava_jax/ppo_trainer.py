@@ -91,9 +91,9 @@ def question_mark_ids(tokenizer: Any) -> tuple[int, ...]:
 def load_roles(cfg: Any) -> tuple[roles.PPOSpec, dict, dict]:
     """(spec, trainable params, frozen trees): the four roles over one or two bases."""
     from llava_jax.convert import load_adapter_dir, load_checkpoint
-    from llava_jax.trainer import load_model
+    from llava_jax.trainer import load_model, runtime_knobs
 
-    runtime = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat_policy=cfg.model.remat)
+    runtime = runtime_knobs(cfg)
     policy_config, policy_base, _ = load_model(cfg)
     shared = not cfg.ppo.reward_base or os.path.abspath(cfg.ppo.reward_base) == os.path.abspath(cfg.model.init)
     if shared:

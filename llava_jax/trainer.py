@@ -98,11 +98,17 @@ def validate(cfg: Any) -> None:
     sharding.mesh_shape((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), jax.device_count())
 
 
+def runtime_knobs(cfg: Any) -> dict[str, str]:
+    """The model's runtime knobs from the config (LlavaConfig.with_runtime)."""
+    return dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat_policy=cfg.model.remat,
+                attention=cfg.model.attention)
+
+
 def load_model(cfg: Any) -> tuple[Any, dict, lora_lib.Adapter | None]:
     from llava_jax.convert import load_adapter, load_checkpoint
     from llava_jax.models.llava import init_params, tiny_config
 
-    runtime = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat_policy=cfg.model.remat)
+    runtime = runtime_knobs(cfg)
     if cfg.model.init == "tiny":
         config = tiny_config(**runtime)
         base = init_params(config, jax.random.PRNGKey(cfg.seed))

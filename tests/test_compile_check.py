@@ -11,7 +11,7 @@ import pytest
 from configs.common import base_config
 from configs.tiny_rm import get_config as tiny_rm
 from configs.tiny_sft import get_config as tiny_sft
-from llava_jax import compile_check as cc, sharding
+from llava_jax import compile_check as cc, compile_report, sharding
 from llava_jax.convert.ckpt import FORMAT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +79,7 @@ def test_memory_figures_match_the_shardings(make_cfg, mesh_shape):
                             - report.memory["alias"] + report.temp)
 
     assert report.fits(report.total) and not report.fits(report.total - 1)
-    table = cc.format_table([report], {"tiny": 1024, "big": 1 << 40})
+    table = compile_report.format_table([report], {"tiny": 1024, "big": 1 << 40})
     row = table.splitlines()[-1].split(" | ")
     assert row[-2:] == ["NO", "yes |"]
 

@@ -16,9 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from llava_jax.models.causal_attention import causal_attention
+from llava_jax.models.flash_attention import flash_attention
 from llava_jax.models.layers import RMSNorm, as_dtype, attention, dense, param_init, scan_layers
 
 ROPE_TYPES = ("default", "linear", "llama3")
+ATTENTION_BACKENDS = ("xla", "flash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,7 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat_policy: str = "none"  # see layers.REMAT_POLICIES
+    attention: str = "xla"  # whole-sequence attention: xla (causal_attention.py) | flash (flash_attention.py)
     lora_scale: float = 1.0  # set per adapter by llava_jax.lora (alpha / rank)
     lora_dropout: float = 0.0
 
@@ -54,6 +57,8 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTION_BACKENDS}")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope_type {self.rope_type!r}; expected one of {ROPE_TYPES}")
 
@@ -160,7 +165,9 @@ class LlamaAttention(nn.Module):
         v = v.reshape(b, t, cfg.num_kv_heads, hd).transpose(0, 2, 1, 3)
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
         new_rows = None
-        if cache is None:  # the mask is causal: tiles above the diagonal are skipped
+        if cache is None and cfg.attention == "flash":
+            out = flash_attention(q, k, v, mask[:, -1])  # the last query row of the mask: key padding
+        elif cache is None:  # the mask is causal: tiles above the diagonal are skipped
             out = causal_attention(q, k, v, mask)
         else:
             new_rows = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}

@@ -44,8 +44,11 @@ class LlavaConfig:
         return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
 
     def with_runtime(self, **knobs: Any) -> "LlavaConfig":
-        """Sets runtime knobs (dtype, param_dtype, remat_policy) on both towers at once."""
-        return dataclasses.replace(self, vision=dataclasses.replace(self.vision, **knobs),
+        """Sets runtime knobs (dtype, param_dtype, remat_policy) on both towers at once; the
+        LLM's own (attention) on the LLM only."""
+        vision_fields = {f.name for f in dataclasses.fields(self.vision)}
+        vision = {k: v for k, v in knobs.items() if k in vision_fields}
+        return dataclasses.replace(self, vision=dataclasses.replace(self.vision, **vision),
                                    text=dataclasses.replace(self.text, **knobs))
 
     def to_dict(self) -> dict[str, Any]:
