@@ -36,7 +36,7 @@ GiB = 2**30
 # Per-device memory of named accelerators (HBM per chip; H100 SXM).
 DEVICE_MEMORY = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB, "h100": 80 * GiB}
 MODEL_PRESETS = ("7b", "13b", "tiny")
-STAGE_STEPS = {"sft": ("sft_step",), "rm": ("rm_step",), "ppo": ("rollout_generate", "ppo_step")}
+STAGE_STEPS = {"sft": ("sft_step",), "rm": ("rm_step",), "ppo": ("rollout_generate", "rollout_score", "ppo_step")}
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -310,47 +310,99 @@ def build_rollout(ctx: Context) -> Step:
                 model_flops=step_flops(config, b, prompt + cfg.ppo.response_len, passes=1))
 
 
-def build_ppo_step(ctx: Context) -> Step:
-    """The PPO update as ppo_trainer.run_ppo jits it (same spec, shardings, donation) on a
-    minibatch of ppo.step_batch rollouts split into ppo.grad_accum micro-batches; the roles'
-    trees are those `ppo_resident` lays out."""
-    from llava_jax import ppo, roles
-    from llava_jax.ppo_trainer import ppo_hyper, roles_logical
-    from llava_jax.train_state import create_state
-    from llava_jax.trainer import state_shardings
+# The rating text the reward model reads after query and response (prompt + captions), in
+# tokens: about 200 for the original's prompt and 5 captions; padded to reward_pad_multiple.
+RATING_TOKENS = 256
 
-    cfg, mesh, lcfg = ctx.cfg, ctx.mesh, lora_config(ctx.cfg)
+
+def _ppo_trees(ctx: Context) -> tuple[Any, dict, dict, dict]:
+    """(spec, trainable params, frozen trees, resident trees) as ppo_trainer.load_roles lays
+    them out (`ppo_resident`)."""
+    from llava_jax import roles
+
+    lcfg = lora_config(ctx.cfg)
     policy_cfg, reward_cfg = ctx.config, ctx.reward_config or ctx.config
     resident, _ = ppo_resident(ctx)
     adapters, head_trees = resident["adapters"], resident["heads"]
     spec = roles.PPOSpec(policy_cfg, lcfg, reward_cfg, lcfg, lcfg, ctx.reward_config is None,
-                         temperature=cfg.ppo.temperature)
+                         temperature=ctx.cfg.ppo.temperature)
     params = {"policy": adapters["policy"], "value": adapters["value"], "value_head": head_trees["value"]}
     frozen = {"policy_base": resident["policy_base"], "ref": adapters["ref_policy"], "reward": adapters["reward"],
               "reward_head": head_trees["reward"]}
     if "reward_base" in resident:
         frozen["reward_base"] = resident["reward_base"]
+    return spec, params, frozen, resident
+
+
+def _rollout_arrays(ctx: Context, rows: int) -> tuple[dict, int, int]:
+    """(the rollout tensors of `rows` rollouts as the update and scoring passes read them,
+    query length, response length)."""
+    cfg, policy_cfg, reward_cfg = ctx.cfg, ctx.config, ctx.reward_config or ctx.config
+    n = cfg.ppo.response_len
+    q = cfg.ppo.max_query_tokens - 1 + policy_cfg.num_image_tokens
+    feature_dtype = jnp.dtype(cfg.model.dtype)
+    arrays = {"query_ids": ((rows, q), jnp.int32), "query_mask": ((rows, q), jnp.int32),
+              "response": ((rows, n), jnp.int32), "response_mask": ((rows, n), jnp.bool_),
+              "policy_features": ((rows, policy_cfg.num_image_tokens, policy_cfg.vision.hidden_size), feature_dtype)}
+    if ctx.reward_config is not None:
+        qv = q - policy_cfg.num_image_tokens + reward_cfg.num_image_tokens
+        arrays.update(value_query_ids=((rows, qv), jnp.int32), value_query_mask=((rows, qv), jnp.int32),
+                      reward_features=((rows, reward_cfg.num_image_tokens, reward_cfg.vision.hidden_size),
+                                       feature_dtype))
+    return arrays, q, n
+
+
+def build_rollout_score(ctx: Context) -> Step:
+    """The rollout's scoring pass as rollout.Rollouts jits it: reference log-probs, values and
+    the reward model over `ppo.rollout_chunk` rollouts (the RM reads query + response + the
+    rating text, RATING_TOKENS long, padded as the trainer pads it)."""
+    from llava_jax.rollout import score_responses
+
+    cfg, mesh = ctx.cfg, ctx.mesh
+    spec, params, frozen, resident = _ppo_trees(ctx)
+    _, opt = ppo_resident(ctx)
+    b = ctx.rollout_batch or cfg.ppo.get("rollout_chunk", 0) or cfg.ppo.rollout_batch
+    arrays, q, n = _rollout_arrays(ctx, b)
+    multiple = cfg.ppo.reward_pad_multiple
+    r = -(-(q - spec.policy_config.num_image_tokens + spec.reward_config.num_image_tokens + n + RATING_TOKENS)
+          // multiple) * multiple
+    arrays.update(reward_ids=((b, r), jnp.int32), reward_mask=((b, r), jnp.int32))
+    if not spec.shared_base:
+        size = spec.reward_config.vision.image_size
+        arrays["reward_pixel_values"] = ((b, size, size, spec.reward_config.vision.num_channels), jnp.float32)
+    frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
+    fn = jax.jit(functools.partial(score_responses, spec, cfg.ppo.old_logprobs != "recompute"),
+                 in_shardings=(frozen_sh, None, None))
+    args = (frozen, params, _batch(mesh, arrays))
+    flops = 2 * step_flops(spec.policy_config, b, q + n, passes=1) + step_flops(spec.reward_config, b, r, passes=1)
+    return Step("rollout_score", fn, args, params=resident, opt=opt,
+                state_in_args=device_bytes((frozen, params)), note=f"{b} rollouts, reward inputs of {r} tokens",
+                model_flops=flops)
+
+
+def build_ppo_step(ctx: Context) -> Step:
+    """The PPO update as ppo_trainer.run_ppo jits it (same spec, shardings, donation) on a
+    minibatch of ppo.step_batch rollouts split into ppo.grad_accum micro-batches; the roles'
+    trees are those `ppo_resident` lays out."""
+    from llava_jax import ppo
+    from llava_jax.ppo_trainer import ppo_hyper, roles_logical
+    from llava_jax.train_state import create_state
+    from llava_jax.trainer import state_shardings
+
+    cfg, mesh = ctx.cfg, ctx.mesh
+    spec, params, frozen, resident = _ppo_trees(ctx)
     optimizer, schedule = _optimizer(cfg)
     state = jax.eval_shape(lambda p: create_state(p, optimizer, jax.random.PRNGKey(0)), params)
-    state_sh = state_shardings(policy_cfg, state, mesh, logical=roles_logical(spec, params))
-    frozen_sh = jax.tree_util.tree_map(lambda s: s.sharding, frozen)
+    state_sh = state_shardings(spec.policy_config, state, mesh, logical=roles_logical(spec, params))
+    frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
     state = with_shardings(state, state_sh)
     fn = jax.jit(functools.partial(ppo.ppo_step, spec, ppo_hyper(cfg), optimizer, schedule),
                  in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
-    s, n = cfg.ppo.step_batch, cfg.ppo.response_len
-    q = cfg.ppo.max_query_tokens - 1 + policy_cfg.num_image_tokens
-    feature_dtype = jnp.dtype(cfg.model.dtype)
-    arrays = {"query_ids": ((s, q), jnp.int32), "query_mask": ((s, q), jnp.int32), "response": ((s, n), jnp.int32),
-              "response_mask": ((s, n), jnp.bool_),
-              "policy_features": ((s, policy_cfg.num_image_tokens, policy_cfg.vision.hidden_size), feature_dtype)}
+    s = cfg.ppo.step_batch
+    arrays, q, n = _rollout_arrays(ctx, s)
     arrays.update({k: ((s, n), jnp.float32) for k in ("logprobs", "values", "advantages", "returns")})
-    if ctx.reward_config is not None:
-        qv = q - policy_cfg.num_image_tokens + reward_cfg.num_image_tokens
-        arrays.update(value_query_ids=((s, qv), jnp.int32), value_query_mask=((s, qv), jnp.int32),
-                      reward_features=((s, reward_cfg.num_image_tokens, reward_cfg.vision.hidden_size),
-                                       feature_dtype))
     note = f"minibatch {s} rollouts x ({q} + {n}) tokens, grad_accum {cfg.ppo.grad_accum}"
-    flops = step_flops(policy_cfg, s, q + n) + step_flops(reward_cfg, s, q + n)  # policy and value
+    flops = step_flops(spec.policy_config, s, q + n) + step_flops(spec.reward_config, s, q + n)  # policy and value
     return Step("ppo_step", fn, (state, frozen, _batch(mesh, arrays)), params=resident,
                 opt=state.opt_state, state_in_args=device_bytes((state.params, frozen, state.opt_state)), note=note,
                 model_flops=flops)
@@ -358,7 +410,7 @@ def build_ppo_step(ctx: Context) -> Step:
 
 STEP_BUILDERS: dict[str, Callable[[Context], Step]] = {
     "sft_step": build_train_step, "rm_step": build_train_step,
-    "rollout_generate": build_rollout, "ppo_step": build_ppo_step,
+    "rollout_generate": build_rollout, "rollout_score": build_rollout_score, "ppo_step": build_ppo_step,
 }
 
 

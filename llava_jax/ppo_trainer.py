@@ -267,7 +267,9 @@ def run_ppo(cfg: Any) -> dict:
     writer.close()
     bar.close()
     loader.close()
-    if not ckpt.preempted and last.get("step") == steps:
+    # Export whenever the final state is at hand: also on a rerun that found the last step
+    # already checkpointed (a kill before the export, or a multi-host run exported from one host).
+    if not ckpt.preempted and (last.get("step") == steps or start >= steps):
         export_policy(cfg, spec, state, frozen)
         if cfg.eval.toy_dir and jax.process_index() == 0:
             evaluate_toy(cfg, spec, state, frozen, tokenizer)
@@ -307,7 +309,8 @@ def export_policy(cfg: Any, spec: roles.PPOSpec, state: Any, frozen: dict) -> No
     from llava_jax.metrics import plot_run
 
     if jax.process_count() > 1:
-        print("export of the trained policy is single-process only; use the last checkpoint in workdir/checkpoints")
+        print("export of the trained policy is single-process only: rerun this command as one process (one "
+              "host) and it restores the final checkpoint and exports")
         return
     params = jax.device_get(state.params)
     policy = lora_lib.Adapter(params["policy"], spec.policy_lora)

@@ -9,8 +9,8 @@ own RESOURCE_EXHAUSTED. libtpu comes with `pip install -e '.[tpu]'`; nothing els
 (no TPU, no environment variables).
 
 Slice names: v4 and v5p count TensorCores (two per chip, one "megacore" device per chip), so
-v4-8 is 4 chips; v5e and v6e count chips. Per-device figures (bfloat16 peak, HBM bytes the
-per chip) are the published ones, for bounds and utilisation.
+v4-8 is 4 chips; v5e and v6e count chips. The per-chip figures (HBM, bfloat16 peak) are the
+published ones.
 """
 from __future__ import annotations
 

@@ -107,3 +107,39 @@ def test_flash_model_forward_and_kv_cache_generation_match_xla():
     tokens = [np.asarray(generate(c, base, None, ids, mask, pixels, jax.random.PRNGKey(0), greedy)["tokens"])
               for c in (xla_cfg, flash_cfg)]
     np.testing.assert_array_equal(tokens[0], tokens[1])
+
+
+def test_accelerator_shapes_compute_what_the_cpu_shapes_compute():
+    """The XLA:CPU-tuned shapes (2-D dots, folded query groups, argmax without a variadic
+    reduce, unstacked decode layers) are taken on CPU only; the plain forms TPUs and GPUs run
+    give the same logits, losses and greedy tokens (forced here on this CPU)."""
+    from llava_jax import lora, losses
+    from llava_jax.models import layers
+    from llava_jax.models.llava import init_params, tiny_config
+    from llava_jax.sampling import SamplingConfig, _use_unstacked, generate
+
+    config = tiny_config()
+    base = init_params(config, jax.random.PRNGKey(0))
+    rng = np.random.RandomState(0)
+    ids = rng.randint(3, 400, size=(2, 24)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, :4] = 0
+    labels = np.where(mask == 1, ids, -100)
+    greedy = SamplingConfig(max_new_tokens=5, temperature=0.0, eos_id=None, cache_dtype="float32")
+    out = {}
+    for platform in ("cpu", "tpu"):
+        layers._FORCED_PLATFORM.append(platform)
+        try:
+            logits = np.asarray(lora.forward(config, base, None, ids, None, mask))
+            hidden = lora.forward(config, base, None, ids, None, mask, method="hidden")
+            sums = losses.head_cross_entropy(hidden, base["llm"]["lm_head"]["kernel"], jnp.asarray(labels),
+                                             jnp.ones(2))
+            tokens = np.asarray(generate(config, base, None, ids, mask, None, jax.random.PRNGKey(0), greedy)["tokens"])
+            out[platform] = (logits, sums, tokens, _use_unstacked(base, None, SamplingConfig()))
+        finally:
+            layers._FORCED_PLATFORM.pop()
+    np.testing.assert_allclose(out["tpu"][0][mask == 1], out["cpu"][0][mask == 1], atol=2e-5)
+    for a, b in zip(out["tpu"][1], out["cpu"][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    np.testing.assert_array_equal(out["tpu"][2], out["cpu"][2])
+    assert out["cpu"][3] and not out["tpu"][3]

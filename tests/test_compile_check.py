@@ -91,7 +91,7 @@ def test_ppo_rollout_and_update_compile():
     cfg.ppo.max_query_tokens, cfg.ppo.response_len = 8, 4
     mesh = sharding.make_mesh((1, 8, 1))
     reports = cc.check(cfg, mesh, log=lambda _: None)
-    assert [r.name for r in reports] == ["rollout_generate", "ppo_step"]
+    assert [r.name for r in reports] == ["rollout_generate", "rollout_score", "ppo_step"]
     # Resident: the policy base + 4 adapters + 2 heads; AdamW moments of policy, value and its head.
     ctx = cc.Context(cfg, mesh, cc.with_runtime(cfg, cc.tiny_config()))
     params, opt = cc.ppo_resident(ctx)

@@ -14,6 +14,7 @@ from llava_jax.ppo_trainer import run_ppo
 from ppo_helpers import make_world, ppo_config, ppo_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE_DIR: list = []  # where reference_run ran (its checkpoints and exports)
 TIMING = ("rollout_seconds", "score_seconds", "update_seconds", "step_seconds", "tokens_per_s")
 
 
@@ -35,6 +36,7 @@ def _metrics(workdir):
 def reference_run(world, tmp_path_factory):
     """5 PPO steps on one device, checkpointing every step (the baseline of two tests)."""
     workdir = tmp_path_factory.mktemp("ppo_reference")
+    REFERENCE_DIR[:] = [workdir]
     cfg = ppo_config(workdir, *world, steps=5, mesh=(1, 1, 1))
     cfg.checkpoint.every = 1
     run_ppo(cfg)
@@ -152,3 +154,22 @@ def test_original_recipe_in_bfloat16(world, tmp_path, old_logprobs):
         assert first["approx_kl"] == 0.0 and first["policy_clipfrac"] == 0.0
     else:
         assert first["approx_kl"] > 1e-6
+
+
+def test_rerun_of_a_finished_run_exports_without_training(world, reference_run, tmp_path):
+    """A run that checkpointed its last step but never exported (killed in between, or a
+    multi-host run, which exports from one process): the rerun restores the final state, trains
+    nothing, writes no metrics line twice and exports."""
+    import shutil
+
+    workdir = tmp_path / "rerun"
+    shutil.copytree(REFERENCE_DIR[0], workdir)
+    for name in ("adapter", "peft_adapter", "value_adapter"):
+        shutil.rmtree(workdir / name)
+    lines = (workdir / "metrics.jsonl").read_text()
+    cfg = ppo_config(workdir, *world, steps=5)
+    cfg.checkpoint.every = 1
+    run_ppo(cfg)
+    assert (workdir / "metrics.jsonl").read_text() == lines
+    for name in ("adapter", "peft_adapter", "value_adapter"):
+        assert (workdir / name).is_dir(), name

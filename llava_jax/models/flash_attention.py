@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from llava_jax.models.layers import compile_platform
+
 BLOCK = 128
 
 
@@ -31,18 +33,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Arr
                     backend: str | None = None) -> jax.Array:
     """q: [B, T, H, D]; k, v: [B, K, T, D] (H % K == 0); key_valid: bool [B, T] (the
     attention mask). Causal. Returns [B, T, H, D] in q's dtype."""
-    backend = backend or _platform()
+    backend = backend or compile_platform()
     if backend in ("gpu", "cuda", "rocm"):
         return _cudnn(q, k, v, key_valid)
     return _sharded_splash(q, k, v, key_valid, interpret=backend != "tpu")
-
-
-def _platform() -> str:
-    """The platform being compiled for: the mesh's devices (a TPU slice compiled for from a
-    CPU host is "tpu"), else the default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
 
 
 def _cudnn(q, k, v, key_valid):
