@@ -73,12 +73,15 @@ def apply_overrides(cfg: Any, items: list[str]) -> None:
         m = re.fullmatch(r"--config\.([\w.]+)=(.*)", item)
         if not m:
             raise ValueError(f"unrecognised argument {item!r} (overrides look like --config.a.b=value)")
+        from llava_jax.trainer import unknown_field
+
+        problem = unknown_field(cfg, m.group(1))
+        if problem:
+            raise ValueError(problem)
         *parents, leaf = m.group(1).split(".")
-        node = cfg
-        for key in (*parents, leaf):
-            if not hasattr(node, "keys") or key not in node:
-                raise ValueError(f"--config.{m.group(1)}: no such field")
-            node, parent = node[key], node
+        parent = cfg
+        for key in parents:
+            parent = parent[key]
         raw = m.group(2)
         try:
             value = ast.literal_eval({"true": "True", "false": "False"}.get(raw.lower(), raw))

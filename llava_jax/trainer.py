@@ -37,6 +37,30 @@ def load_config_file(path: str) -> Any:
     return module.get_config()
 
 
+def unknown_field(cfg: Any, dotted: str) -> str | None:
+    """None when `dotted` (e.g. "train.batch_size") names a config field; else a one-line
+    error naming it and the closest valid fields."""
+    import difflib
+
+    node = cfg
+    for key in dotted.split("."):
+        if not hasattr(node, "keys") or key not in node:
+            fields = []
+
+            def walk(tree, prefix):
+                for name in tree.keys():
+                    if hasattr(tree[name], "keys"):
+                        walk(tree[name], prefix + name + ".")
+                    else:
+                        fields.append(prefix + name)
+            walk(cfg, "")
+            close = difflib.get_close_matches(dotted, fields, n=3, cutoff=0.5)
+            return (f"--config.{dotted}: no such config field"
+                    + (f"; closest: {', '.join(close)}" if close else ""))
+        node = node[key]
+    return None
+
+
 def exported_result(cfg: Any) -> str | None:
     """The model or adapter a finished run of `cfg` left in its workdir, if any."""
     for name in ("model", "adapter"):

@@ -43,5 +43,29 @@ def main(argv):
         sys.exit(f"error: {e}")
 
 
+def check_overrides(argv: list[str]) -> None:
+    """Exits with one line naming a mistyped --config.a.b override and the closest fields
+    (ml_collections would end in three chained tracebacks)."""
+    import re
+
+    from llava_jax.trainer import load_config_file, unknown_field
+
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None and "--config" in argv[:-1]:
+        path = argv[argv.index("--config") + 1]
+    overrides = [m.group(1) for a in argv if (m := re.match(r"--config\.([\w.]+)(=|$)", a))]
+    if not path or not overrides:
+        return
+    try:
+        cfg = load_config_file(path)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    for dotted in overrides:
+        problem = unknown_field(cfg, dotted)
+        if problem:
+            sys.exit(f"error: {problem}")
+
+
 if __name__ == "__main__":
+    check_overrides(sys.argv[1:])
     app.run(main)

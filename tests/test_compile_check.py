@@ -123,5 +123,5 @@ def test_presets_and_parsing(tmp_path):
     cc.apply_overrides(cfg, ["--config.model.remat=dots", "--config.train.grad_accum=4",
                              "--config.log.tensorboard=false"])
     assert (cfg.model.remat, cfg.train.grad_accum, cfg.log.tensorboard) == ("dots", 4, False)
-    with pytest.raises(ValueError, match="no such field"):
+    with pytest.raises(ValueError, match="no such config field; closest: model"):
         cc.apply_overrides(cfg, ["--config.model.nope=1"])

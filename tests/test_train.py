@@ -97,6 +97,9 @@ def test_bad_config_fails_before_device_work(tmp_path):
     cfg.data.train = "nope.json"
     with pytest.raises(ValueError, match="config.data.train='nope.json' does not exist"):
         run(cfg)
-    result = subprocess.run(_train_cmd(tmp_path / "w", 1) + ["--config.train.no_such_knob=3"], cwd=ROOT,
+    # A mistyped override: one line naming it and the closest fields, no traceback.
+    result = subprocess.run(_train_cmd(tmp_path / "w", 1) + ["--config.train.batch_sise=3"], cwd=ROOT,
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
-    assert result.returncode != 0 and "no_such_knob" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: --config.train.batch_sise: no such config field; closest: train.batch_size,")
