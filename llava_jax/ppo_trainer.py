@@ -42,6 +42,9 @@ def validate_ppo(cfg: Any) -> None:
         raise ValueError(f"config.data.captions={cfg.data.captions!r}: ppo.with_facts needs the captions file")
     if cfg.train.trainable != "lora":
         raise ValueError("config.train.trainable: PPO trains LoRA adapters (lora)")
+    if cfg.train.lora_dropout:
+        raise ValueError(f"config.train.lora_dropout={cfg.train.lora_dropout}: PPO runs its adapters without "
+                         "dropout (the rollout's log-probs and the update must see one policy); set it to 0")
     procs = jax.process_count()
     if p.rollout_batch % p.step_batch or p.step_batch % (p.grad_accum * procs):
         raise ValueError(f"config.ppo: rollout_batch={p.rollout_batch} must be a multiple of step_batch="

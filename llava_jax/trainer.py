@@ -118,6 +118,9 @@ def validate(cfg: Any) -> None:
     if cfg.train.batch_size <= 0 or cfg.train.batch_size % (cfg.train.grad_accum * jax.process_count()):
         raise ValueError(f"config.train.batch_size={cfg.train.batch_size} must divide into grad_accum="
                          f"{cfg.train.grad_accum} x {jax.process_count()} processes")
+    if cfg.stage == "rm" and cfg.train.grad_accum != 1:
+        raise ValueError(f"config.train.grad_accum={cfg.train.grad_accum}: the RM step takes whole batches (its "
+                         "centering term is a batch mean); lower train.batch_size or use more devices instead")
     OptimConfig(schedule=cfg.optim.schedule)  # schedule name check
     sharding.mesh_shape((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), jax.device_count())
 

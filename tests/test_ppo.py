@@ -173,3 +173,10 @@ def test_rerun_of_a_finished_run_exports_without_training(world, reference_run, 
     assert (workdir / "metrics.jsonl").read_text() == lines
     for name in ("adapter", "peft_adapter", "value_adapter"):
         assert (workdir / name).is_dir(), name
+
+
+def test_lora_dropout_is_rejected_not_ignored(world, tmp_path):
+    cfg = ppo_config(tmp_path / "dropout", *world, steps=1)
+    cfg.train.lora_dropout = 0.1
+    with pytest.raises(ValueError, match=r"config.train.lora_dropout=0.1: PPO runs its adapters without dropout"):
+        run_ppo(cfg)

@@ -93,6 +93,12 @@ def test_bad_config_fails_before_device_work(tmp_path):
     cfg = _cfg(tmp_path, 1, mesh=(3, 3, 1))
     with pytest.raises(ValueError, match="needs 9 devices, but 8 are available"):
         run(cfg)
+    from configs.tiny_rm import get_config as tiny_rm
+
+    cfg = tiny_rm()
+    cfg.workdir, cfg.train.grad_accum = str(tmp_path / "rm"), 2
+    with pytest.raises(ValueError, match="config.train.grad_accum=2: the RM step takes whole batches"):
+        run(cfg)
     cfg = _cfg(tmp_path, 1)
     cfg.data.train = "nope.json"
     with pytest.raises(ValueError, match="config.data.train='nope.json' does not exist"):
