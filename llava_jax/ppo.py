@@ -17,7 +17,9 @@ Where the pad positions of the [B, N] response tensor count is two choices (PPOH
   log-probs count as 0 (the original's ignore_index), so the policy term there carries no
   gradient but dilutes the mean, and the value loss fits V(pad) to the pad's return. Off:
   means over valid tokens.
-At gamma = lambda = 1 the valid tokens' raw advantages and returns agree in both layouts.
+Either field lays the episode over every position (the value loss over pads needs the pads'
+returns). At gamma = lambda = 1 the valid tokens' raw advantages and returns agree in both
+layouts.
 """
 from __future__ import annotations
 
