@@ -28,11 +28,11 @@ from jax.sharding import Mesh
 
 from llava_jax import heads, lora as lora_lib, sharding, trainable
 from llava_jax.compile_report import Step, StepReport, compile_step, device_bytes
+from llava_jax.targets import GiB
 from llava_jax.models.clip import ClipVisionConfig
 from llava_jax.models.llama import LlamaConfig
 from llava_jax.models.llava import LlavaConfig, init_params, logical_axes, tiny_config
 
-GiB = 2**30
 # Per-device memory of named accelerators (HBM per chip; H100 SXM).
 DEVICE_MEMORY = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB, "h100": 80 * GiB}
 MODEL_PRESETS = ("7b", "13b", "tiny")

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from llava_jax import sharding
+from llava_jax.targets import GiB
 
-GiB = 2**30
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Ran out of memory")
 
 
