@@ -96,7 +96,7 @@ def test_bad_config_fails_before_device_work(tmp_path):
     from configs.tiny_rm import get_config as tiny_rm
 
     cfg = tiny_rm()
-    cfg.workdir, cfg.train.grad_accum = str(tmp_path / "rm"), 2
+    cfg.workdir, cfg.model.init, cfg.train.grad_accum = str(tmp_path / "rm"), "tiny", 2
     with pytest.raises(ValueError, match="config.train.grad_accum=2: the RM step takes whole batches"):
         run(cfg)
     cfg = _cfg(tmp_path, 1)
