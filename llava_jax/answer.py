@@ -42,7 +42,7 @@ def answer_batches(config: Any, base: dict, adapter: Any, tokenizer: Any, datase
 def load_answering_model(ckpt: str, adapter: str | None = None, dtype: str = "float32") -> tuple[Any, dict, Any]:
     """(config, base, adapter or None) of a checkpoint; `adapter` names one inside it
     (CKPT/adapters/NAME) or is an adapter directory (a LoRA or PPO run's workdir/adapter)."""
-    from llava_jax.convert import load_adapter, load_adapter_dir, load_checkpoint
+    from llava_jax.model_ckpt import load_adapter, load_adapter_dir, load_checkpoint
 
     config, base = load_checkpoint(ckpt, dtype=dtype)
     config = config.with_runtime(dtype=dtype)

@@ -117,7 +117,7 @@ def resolve_model(init: str, preset: str | None) -> tuple[LlavaConfig, str]:
     if init == "tiny":
         return tiny_config(), "tiny"
     if os.path.isfile(os.path.join(init, "config.json")):
-        from llava_jax.convert.ckpt import load_config
+        from llava_jax.model_ckpt import load_config
 
         return load_config(init), f"{init}/config.json"
     guess = re.search(r"(?<![0-9])(7|13)b|tiny", init.lower())  # runs/tiny_sft/model: the tiny model

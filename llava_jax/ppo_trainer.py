@@ -93,7 +93,7 @@ def question_mark_ids(tokenizer: Any) -> tuple[int, ...]:
 
 def load_roles(cfg: Any) -> tuple[roles.PPOSpec, dict, dict]:
     """(spec, trainable params, frozen trees): the four roles over one or two bases."""
-    from llava_jax.convert import load_adapter_dir, load_checkpoint
+    from llava_jax.model_ckpt import load_adapter_dir, load_checkpoint
     from llava_jax.trainer import load_model, runtime_knobs
 
     runtime = runtime_knobs(cfg)
@@ -307,7 +307,7 @@ def evaluate_toy(cfg: Any, spec: roles.PPOSpec, state: Any, frozen: dict, tokeni
 def export_policy(cfg: Any, spec: roles.PPOSpec, state: Any, frozen: dict) -> None:
     """workdir/adapter (ours), workdir/peft_adapter (PEFT), workdir/value_adapter (value
     LoRA + head), optionally workdir/hf_merged, and workdir/metrics.png with the reward curve."""
-    from llava_jax.convert.ckpt import write_adapter_dir
+    from llava_jax.model_ckpt import write_adapter_dir
     from llava_jax.convert.peft import write_peft_adapter
     from llava_jax.metrics import plot_run
 

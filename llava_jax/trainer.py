@@ -132,7 +132,7 @@ def runtime_knobs(cfg: Any) -> dict[str, str]:
 
 
 def load_model(cfg: Any) -> tuple[Any, dict, lora_lib.Adapter | None]:
-    from llava_jax.convert import load_adapter, load_checkpoint
+    from llava_jax.model_ckpt import load_adapter, load_checkpoint
     from llava_jax.models.llava import init_params, tiny_config
 
     runtime = runtime_knobs(cfg)
@@ -396,8 +396,7 @@ def export_result(cfg: Any, spec: ModelSpec, state: TrainState, frozen: dict) ->
     trained base parts folded in; for LoRA stages `workdir/adapter`, laid out as
     CKPT/adapters/NAME (with the reward head for the RM): copy it into the base checkpoint's
     adapters/ to use it. Single-process runs only for now."""
-    from llava_jax.convert import save_checkpoint
-    from llava_jax.convert.ckpt import write_adapter_dir
+    from llava_jax.model_ckpt import save_checkpoint, write_adapter_dir
 
     if jax.process_count() > 1:
         print("export of the trained model is single-process only; use the last checkpoint in workdir/checkpoints")

@@ -50,8 +50,7 @@ def make_world(root: str, config, rank: int) -> tuple[str, str]:
     import numpy as np
 
     from llava_jax import heads, lora as lora_lib
-    from llava_jax.convert import save_checkpoint
-    from llava_jax.convert.ckpt import write_adapter_dir
+    from llava_jax.model_ckpt import save_checkpoint, write_adapter_dir
     from llava_jax.models.llava import init_params
 
     base = jax.device_get(init_params(config, jax.random.PRNGKey(0)))

@@ -27,7 +27,8 @@ if os.path.join(REPO, "tests") not in sys.path:
     sys.path.insert(0, os.path.join(REPO, "tests"))
 import tiny_hf  # noqa: E402
 
-from llava_jax.convert import ConversionError, export_hf, load_checkpoint, load_hf, save_checkpoint  # noqa: E402
+from llava_jax.convert import ConversionError, export_hf, load_hf  # noqa: E402
+from llava_jax.model_ckpt import load_checkpoint, save_checkpoint  # noqa: E402
 from llava_jax.convert.verify import verify  # noqa: E402
 from llava_jax.models.llava import Llava  # noqa: E402
 

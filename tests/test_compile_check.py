@@ -12,7 +12,7 @@ from configs.common import base_config
 from configs.tiny_rm import get_config as tiny_rm
 from configs.tiny_sft import get_config as tiny_sft
 from llava_jax import compile_check as cc, compile_report, sharding
-from llava_jax.convert.ckpt import FORMAT
+from llava_jax.model_ckpt import FORMAT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

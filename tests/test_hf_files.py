@@ -13,10 +13,10 @@ from safetensors import safe_open
 from llava_jax.convert.hf_files import (
     ConversionError,
     TensorSource,
-    atomic_output_dir,
     write_safetensors,
     write_sharded,
 )
+from llava_jax.files import atomic_output_dir
 
 
 def _torch_bits(t: torch.Tensor) -> np.ndarray:

@@ -35,7 +35,8 @@ def _size(text: str) -> int:
 def cmd_import(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
 
-    from llava_jax.convert import load_hf, save_checkpoint
+    from llava_jax.convert import load_hf
+    from llava_jax.model_ckpt import save_checkpoint
 
     config, params = load_hf(args.hf, dtype=jnp.dtype(args.dtype), vision_tower=args.vision_tower, seed=args.seed)
     save_checkpoint(args.out, config, params, overwrite=args.overwrite,
@@ -46,8 +47,8 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_import_adapter(args: argparse.Namespace) -> None:
-    from llava_jax.convert import ConversionError, load_config, save_adapter
-    from llava_jax.convert.ckpt import abstract_params
+    from llava_jax.convert import ConversionError
+    from llava_jax.model_ckpt import load_config, save_adapter, abstract_params
     from llava_jax.convert.peft import read_head, read_peft_adapter
     from llava_jax.heads import init_head
 
@@ -70,7 +71,8 @@ def cmd_import_adapter(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
 
-    from llava_jax.convert import ConversionError, export_hf, load_adapter, load_checkpoint
+    from llava_jax.convert import ConversionError, export_hf
+    from llava_jax.model_ckpt import load_adapter, load_checkpoint
 
     if args.format != "hf" and not args.adapter:
         raise ConversionError(f"--format {args.format} needs --adapter NAME")
@@ -96,7 +98,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from llava_jax.convert import load_checkpoint
+    from llava_jax.model_ckpt import load_checkpoint
     from llava_jax.convert.verify import verify
 
     config, params = load_checkpoint(args.ckpt)

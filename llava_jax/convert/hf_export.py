@@ -16,7 +16,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from llava_jax.convert import hf_config, hf_keys
-from llava_jax.convert.hf_files import ConversionError, atomic_output_dir, write_sharded
+from llava_jax.convert.hf_files import ConversionError, write_sharded
+from llava_jax.files import atomic_output_dir
 from llava_jax.models.llava import LlavaConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",

@@ -19,16 +19,13 @@ import glob
 import json
 import math
 import os
-import shutil
 import struct
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import ml_dtypes
 import numpy as np
 
-
-class ConversionError(Exception):
-    """The single error type of the conversion tools; the message is one line."""
+from llava_jax.files import ConversionError
 
 
 _ST_DTYPES: dict[str, np.dtype] = {
@@ -336,36 +333,3 @@ def write_sharded(out_dir: str, tensors: Iterable[tuple[str, np.ndarray]],
         with open(final[-1], "w") as f:  # same layout transformers' save_pretrained produces
             f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return final
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str, overwrite: bool = False) -> Iterator[str]:
-    """Yield a sibling temp dir that becomes ``path`` only if the body completes."""
-    path = os.path.normpath(path)  # a trailing slash would put the temp dir inside path
-    if os.path.lexists(path) and not overwrite:
-        raise ConversionError(f"output {path} already exists (pass overwrite to replace it)")
-    if os.path.lexists(path) and not os.path.isdir(path):
-        raise ConversionError(f"output {path} exists and is not a directory")
-    tmp = f"{path}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # leftover of a killed run that had our pid
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        if os.path.lexists(path):
-            if not overwrite:
-                raise ConversionError(f"output {path} appeared while it was being written")
-            # Move the old output aside only now that the new one is complete.
-            old = f"{path}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

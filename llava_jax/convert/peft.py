@@ -20,8 +20,8 @@ import numpy as np
 import transformers
 
 from llava_jax.convert import hf_keys
-from llava_jax.convert.hf_files import (ConversionError, TensorSource, atomic_output_dir, read_safetensors,
-                                        write_safetensors)
+from llava_jax.convert.hf_files import ConversionError, TensorSource, read_safetensors, write_safetensors
+from llava_jax.files import atomic_output_dir
 from llava_jax.heads import HEAD_KINDS
 from llava_jax.lora import LLM_TARGETS, PROJECTOR_TARGETS, Adapter, LoraConfig, check_adapter
 

@@ -1,6 +1,6 @@
-"""Our model checkpoint: a directory with `config.json` (the LlavaConfig), `params/`
-(an orbax PyTree checkpoint of the base) and `adapters/NAME/` (`adapter.json` with the
-LoRA shape and head kind, orbax `lora/` and optional `head/`). Everything is written
+"""Our model checkpoint format (what training loads and writes; HF formats are in convert/):
+a directory with `config.json` (the LlavaConfig), `params/` (an orbax PyTree checkpoint of
+the base) and `adapters/NAME/` (`adapter.json` with the LoRA shape and head kind, orbax `lora/` and optional `head/`). Everything is written
 atomically and checked against the config on the way back in, so a checkpoint that does
 not match names the offending key before any device work.
 """
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llava_jax.convert.hf_files import ConversionError, atomic_output_dir
+from llava_jax.files import ConversionError, atomic_output_dir
 from llava_jax.heads import init_head
 from llava_jax.lora import Adapter, LoraConfig, check_adapter, init_adapter
 from llava_jax.models.llava import LlavaConfig, init_params
