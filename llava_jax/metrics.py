@@ -2,87 +2,68 @@
 
 `MetricsWriter` appends one JSON object per step to `<workdir>/metrics.jsonl`
 (`{"step": 10, "loss": 1.23, ...}`, flushed per line) and mirrors numeric values as
-TensorBoard scalars in `<workdir>/tb/events.out.tfevents.<time>.<host>`. The event files
-are written without TensorFlow: TFRecord framing with CRC32C and a hand-encoded `Event`
-protobuf, so TensorBoard is only needed to *view* them. Non-finite floats (NaN/inf) are
-written to JSONL as `null` so every line stays strict JSON (readable by any parser);
+TensorBoard scalars in `<workdir>/tb/events.out.tfevents.<time>.<host>`, written with
+tensorboardX (no TensorFlow; TensorBoard is only needed to *view* them). Non-finite
+floats (NaN/inf) are written to JSONL as `null` so every line stays strict JSON (readable by any parser);
 TensorBoard gets the real float, which it displays natively.
 
 Only process 0 writes; other processes get no-op writers and disabled progress bars.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import socket
-import struct
 import time
-from typing import Any, BinaryIO
+from typing import Any
 
 from tqdm import tqdm
 
-# --- CRC32C (Castagnoli, reflected polynomial 0x82F63B78) and TFRecord framing ---------
-_CRC_TABLE = []
-for _byte in range(256):
-    _c = _byte
-    for _ in range(8):
-        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
-    _CRC_TABLE.append(_c)
-_MASK32 = 0xFFFFFFFF
-
-
-def crc32c(data: bytes) -> int:
-    crc = _MASK32
-    for b in data:
-        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ _MASK32
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord stores rotated+offset CRCs so that CRCs of CRC-bearing data stay well mixed."""
-    crc = crc32c(data)
-    return ((((crc >> 15) | (crc << 17)) & _MASK32) + 0xA282EAD8) & _MASK32
-
-
-def _tfrecord(data: bytes) -> bytes:
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
-
-
-# --- minimal protobuf encoding -----------------------------------------------------------
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative int64 -> 10-byte two's complement, as protobuf does
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, wire: int, payload: bytes) -> bytes:
-    if wire == 2:  # length-delimited: string / bytes / sub-message
-        payload = _varint(len(payload)) + payload
-    return _varint((number << 3) | wire) + payload
-
-
-def _encode_event(wall_time: float, step: int, *, file_version: str | None = None,
-                  scalars: dict[str, float] | None = None, session_start: bool = False) -> bytes:
-    """Event{wall_time=1 double, step=2 int64, file_version=3 | summary=5 | session_log=7}."""
-    msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version is not None:
-        msg += _field(3, 2, file_version.encode())
-    if scalars:  # Summary{repeated Value value=1}, Value{tag=1 string, simple_value=2 float}
-        values = b"".join(_field(1, 2, _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", v)))
-                          for tag, v in scalars.items())
-        msg += _field(5, 2, values)
-    if session_start:  # SessionLog{status=1 enum}, START = 1
-        msg += _field(7, 2, _field(1, 0, _varint(1)))
-    return msg
-
-
 # --- metrics writer ----------------------------------------------------------------------
+class _EventFile:
+    """One TensorBoard event file, written through tensorboardX's record writer and protos.
+
+    Not tensorboardX's SummaryWriter: that one queues events for a background thread and
+    flushes them every two minutes, so a killed run would lose its last minutes of scalars;
+    here every event is on disk when `MetricsWriter.write` returns, like the JSONL line.
+    """
+
+    def __init__(self, tb_dir: str, resume_step: int | None):
+        # imported here: tensorboardX imports torch when it is installed (~1.5 s), which runs
+        # with TensorBoard off, and processes other than 0, need not pay
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.record_writer import RecordWriter
+
+        os.makedirs(tb_dir, exist_ok=True)
+        self.path = base = os.path.join(tb_dir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
+        for n in itertools.count(1):  # the writer truncates: a same-second restart gets a new name,
+            if not os.path.exists(self.path):  # which sorts after the old one as TensorBoard reads them
+                break
+            self.path = f"{base}.{n}"
+        self._writer = RecordWriter(self.path)
+        self._write(Event(wall_time=time.time(), step=0, file_version="brain.Event:2"))
+        if resume_step is not None:  # TensorBoard drops this run's older events from this step on
+            start = SessionLog(status=SessionLog.START)
+            self._write(Event(wall_time=time.time(), step=resume_step + 1, session_log=start))
+
+    def _write(self, event: Any) -> None:
+        self._writer.write(event.SerializeToString())
+        self._writer.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """One event holding every scalar of the step."""
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()])
+        self._write(Event(wall_time=time.time(), step=step, summary=summary))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 def _to_python(key: str, value: Any) -> Any:
     """numpy/jax scalars -> int/float; strings and bools pass through; arrays are refused."""
     if isinstance(value, (bool, str)) or value is None:
@@ -128,7 +109,7 @@ class MetricsWriter:
         self.active = process_index == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._jsonl = None
-        self._events: BinaryIO | None = None
+        self._events: _EventFile | None = None
         self.events_path: str | None = None
         if not self.active:
             return
@@ -145,18 +126,8 @@ class MetricsWriter:
         if self._jsonl.tell() and not _ends_with_newline(self.path):
             self._jsonl.write("\n")  # end a line cut short by a kill, so the next record starts clean
         if tensorboard:
-            tb_dir = os.path.join(workdir, "tb")
-            os.makedirs(tb_dir, exist_ok=True)
-            self.events_path = os.path.join(tb_dir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
-            self._events = open(self.events_path, "ab")  # append: a same-second restart reuses the name
-            self._write_event(_encode_event(time.time(), 0, file_version="brain.Event:2"))
-            if resume_step is not None:
-                self._write_event(_encode_event(time.time(), resume_step + 1, session_start=True))
-
-    def _write_event(self, data: bytes) -> None:
-        assert self._events is not None
-        self._events.write(_tfrecord(data))
-        self._events.flush()
+            self._events = _EventFile(os.path.join(workdir, "tb"), resume_step)
+            self.events_path = self._events.path
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.active:
@@ -172,7 +143,7 @@ class MetricsWriter:
         self._jsonl.flush()
         scalars = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}  # bools count as 0/1
         if self._events is not None and scalars:
-            self._write_event(_encode_event(time.time(), int(step), scalars=scalars))
+            self._events.scalars(int(step), scalars)
 
     def close(self) -> None:
         for f in (self._jsonl, self._events):

@@ -1,74 +1,29 @@
 """llava_jax.metrics: JSONL log + resume truncation, TensorBoard event files, FLOPs/MFU, plot script.
 
-The event files are checked with a decoder written here, independent of the writer's encoder.
+The event files are read back with TensorBoard's own loaders (the `tensorboard` package,
+which checks every record's CRCs), independent of the tensorboardX writer.
 """
-import glob
 import json
 import math
-import struct
+import os
+import time
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
-from llava_jax.metrics import (MetricsWriter, ProgressBar, crc32c, masked_crc32c, mfu, peak_flops,
-                               read_metrics, transformer_train_flops)
+from llava_jax.metrics import MetricsWriter, ProgressBar, mfu, peak_flops, read_metrics, transformer_train_flops
 from scripts.plot_metrics import main as plot_main
 
 
-def _fields(buf):
-    """Protobuf message -> [(field number, value)]: varints as int, everything else as bytes."""
-    out, pos = [], 0
-
-    def varint():
-        nonlocal pos
-        value = shift = 0
-        while True:
-            byte = buf[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value
-
-    while pos < len(buf):
-        key = varint()
-        wire = key & 7
-        if wire == 0:
-            value = varint()
-        else:
-            size = {1: 8, 5: 4}[wire] if wire != 2 else varint()
-            value, pos = buf[pos:pos + size], pos + size
-        out.append((key >> 3, value))
-    return out
-
-
 def read_events(path):
-    """TFRecord framing (CRCs checked) + Event{1 wall_time, 2 step, 3 file_version, 5 summary, 7 session_log}."""
-    events, raw, pos = [], open(path, "rb").read(), 0
-    while pos < len(raw):
-        length_bytes = raw[pos:pos + 8]
-        (length,), (length_crc,) = struct.unpack("<Q", length_bytes), struct.unpack("<I", raw[pos + 8:pos + 12])
-        data = raw[pos + 12:pos + 12 + length]
-        (data_crc,) = struct.unpack("<I", raw[pos + 12 + length:pos + 16 + length])
-        if masked_crc32c(length_bytes) != length_crc or masked_crc32c(data) != data_crc:
-            raise ValueError("CRC mismatch")
-        pos += 16 + length
-        event = {}
-        for number, value in _fields(data):
-            if number == 1:
-                event["wall_time"] = struct.unpack("<d", value)[0]
-            elif number == 2:
-                event["step"] = value - (1 << 64) if value >= 1 << 63 else value
-            elif number == 3:
-                event["file_version"] = value.decode()
-            elif number == 5:
-                for _, summary_value in _fields(value):
-                    tag_value = dict(_fields(summary_value))
-                    event.setdefault("scalars", {})[tag_value[1].decode()] = struct.unpack("<f", tag_value[2])[0]
-            elif number == 7:
-                event["session_start"] = dict(_fields(value)).get(1) == 1  # SessionLog.status == START
-        events.append(event)
-    return events
+    """Event protos of one file, as TensorBoard loads them (a record failing its CRC ends the read)."""
+    return list(LegacyEventFileLoader(path).Load())
+
+
+def _scalars(event):
+    return {v.tag: v.simple_value for v in event.summary.value}
 
 
 def _lines(path):
@@ -126,43 +81,48 @@ def test_non_zero_process_writes_nothing(tmp_path):
     bar.close()
 
 
-def test_crc32c_test_vector():
-    assert crc32c(b"123456789") == 0xE3069283
-    assert crc32c(b"") == 0
-    crc = 0xE3069283
-    assert masked_crc32c(b"123456789") == ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
 def test_event_file_round_trip(tmp_path):
     with MetricsWriter(str(tmp_path)) as w:
         w.write(1, {"loss": 2.5, "acc": 0.125, "note": "skipped in tb"})
-        w.write(2, {"loss": 1.5, "big_step_tokens": 4096})
+        events = read_events(w.events_path)  # flushed per step: readable before close
+        assert [e.step for e in events] == [0, 1]
+        w.write(2, {"loss": 1.5, "big_step_tokens": 4096, "ok": True})
         w.write(2**40, {"loss": float("nan")})
         w.write(-1, {"neg": -2})
+        w.write(3, {"note": "no numbers, no event"})
         path = w.events_path
-    assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*")) == [path]
+    assert os.listdir(tmp_path / "tb") == [os.path.basename(path)]
+    assert os.path.basename(path).startswith("events.out.tfevents.")
     events = read_events(path)
-    assert events[0]["file_version"] == "brain.Event:2" and "scalars" not in events[0]
-    scalars = [(e["step"], e["scalars"]) for e in events[1:]]
-    assert scalars[:2] == [(1, {"loss": 2.5, "acc": 0.125}), (2, {"loss": 1.5, "big_step_tokens": 4096.0})]
-    assert scalars[2][0] == 2**40 and math.isnan(scalars[2][1]["loss"])
-    assert scalars[3] == (-1, {"neg": -2.0})  # negative int64 -> 10-byte varint
-    assert all(e["wall_time"] > 1e9 for e in events)
+    assert events[0].file_version == "brain.Event:2" and not events[0].summary.value
+    steps = [(e.step, _scalars(e)) for e in events[1:]]
+    assert steps[:2] == [(1, {"loss": 2.5, "acc": 0.125}), (2, {"loss": 1.5, "big_step_tokens": 4096.0, "ok": 1.0})]
+    assert steps[2][0] == 2**40 and math.isnan(steps[2][1]["loss"])
+    assert steps[3] == (-1, {"neg": -2.0})
+    assert len(steps) == 4
+    assert all(e.wall_time > 1e9 for e in events)
 
-    # a flipped byte is caught by the data CRC
+    # a flipped byte in the last record fails its CRC: the reader stops before it
     raw = bytearray(open(path, "rb").read())
     raw[-6] ^= 0xFF
     open(path, "wb").write(bytes(raw))
-    with pytest.raises(ValueError, match="CRC"):
-        read_events(path)
+    assert [e.step for e in read_events(path)] == [0, 1, 2, 2**40]
 
 
-def test_resume_marks_tensorboard_restart(tmp_path):
-    with MetricsWriter(str(tmp_path), resume_step=41) as w:
-        w.write(42, {"loss": 1.0})
-        events = read_events(w.events_path)
-    assert events[1]["step"] == 42 and events[1]["session_start"]
-    assert events[2]["scalars"] == {"loss": 1.0}
+def test_resume_purges_stale_tensorboard_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.0)  # both runs in the same second
+    with MetricsWriter(str(tmp_path)) as w:
+        for step in range(1, 8):
+            w.write(step, {"loss": float(step)})
+        first = w.events_path
+    with MetricsWriter(str(tmp_path), resume_step=5) as w:
+        second = w.events_path
+        w.write(6, {"loss": 60.0})
+    assert second != first and len(read_events(first)) == 8  # the restart did not overwrite the first file
+    restart = read_events(second)[1]
+    assert restart.step == 6 and restart.session_log.status == restart.session_log.START
+    shown = EventAccumulator(str(tmp_path / "tb")).Reload().Scalars("loss")
+    assert [(s.step, s.value) for s in shown] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 60.0)]
 
 
 def test_flops_and_mfu_hand_example():
