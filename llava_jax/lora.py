@@ -149,7 +149,3 @@ def check_adapter(base: dict, adapter: Adapter, name: str = "adapter") -> None:
             if tuple(layer[key].shape) != shape:
                 raise ValueError(f"{name}: {'/'.join(path)}/{key} has shape {tuple(layer[key].shape)}, "
                                  f"expected {shape} (rank {adapter.config.rank} over the base layer)")
-
-
-def adapter_bytes(adapter: Adapter) -> int:
-    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(adapter.params))

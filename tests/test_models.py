@@ -2,8 +2,6 @@
 
 Weights go through the real `load_hf`; errors are max |diff| / max |ref| over non-pad tokens.
 """
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np

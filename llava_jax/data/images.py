@@ -97,10 +97,6 @@ class ImageProcessor:
     def shape(self) -> tuple[int, int, int]:
         return (self.crop_size, self.crop_size, 3)
 
-    def blank(self) -> np.ndarray:
-        """The image of a text-only item: zeros in normalised space (as LLaVA)."""
-        return np.zeros(self.shape, np.float32)
-
     def __call__(self, image: Image.Image) -> np.ndarray:
         image = to_rgb(image)
         if self.pad_to_square:

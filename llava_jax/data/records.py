@@ -72,10 +72,6 @@ class DataReport:
     def num_truncated(self) -> int:
         return len(self._truncated)
 
-    def skipped_indices(self, reason: str) -> list[int]:
-        with self._lock:
-            return sorted(self._skipped.get(reason, ()))
-
     def summary(self) -> str:
         skipped = self.skipped
         parts = ", ".join(f"{k}={v}" for k, v in skipped.items()) or "none"
