@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     from llava_jax import compile_check as cc, compile_report, sharding, targets  # imports jax: after XLA_FLAGS
-    from llava_jax.trainer import load_config_file
+    from llava_jax.settings import RunSettings, load_config_file
 
     try:
         target = None if args.target == "cpu" else targets.parse_target(args.target)
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
             devices = targets.target_devices(target)
         cfg = load_config_file(args.config)
         cc.apply_overrides(cfg, overrides)
-        shape = cc.parse_mesh(args.mesh) if args.mesh else (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        settings = RunSettings.from_config(cfg)
+        shape = cc.parse_mesh(args.mesh) if args.mesh else settings.mesh.shape
         mesh = sharding.make_mesh(shape, devices)
         if target is not None:
             memories = {target.name: target.generation.hbm_bytes}
@@ -96,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
             names = None
             where = f"{mesh.size} forced CPU devices: XLA:CPU's estimate, not an accelerator compiler's"
         steps = tuple(s.strip() for s in args.steps.split(",")) if args.steps else None
-        print(f"{args.config}: stage {cfg.stage}, mesh {dict(mesh.shape)} on {where}")
-        reports = cc.check(cfg, mesh, model=args.model, reward_model=args.reward_model, layers=args.layers,
+        print(f"{args.config}: stage {settings.stage}, mesh {dict(mesh.shape)} on {where}")
+        reports = cc.check(settings, mesh, model=args.model, reward_model=args.reward_model, layers=args.layers,
                            rollout_batch=args.rollout_batch, steps=steps)
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -25,7 +25,7 @@ STAGES = ("tiny_sft", "tiny_rm", "tiny_rm_nofacts", "tiny_ppo", "tiny_ppo_nofact
 
 def stage_config(name: str, seed: int, root: str):
     """configs/NAME.py for this seed, its inputs and workdir under root."""
-    from llava_jax.trainer import load_config_file
+    from llava_jax.settings import RunSettings, load_config_file
 
     cfg = load_config_file(os.path.join("configs", f"{name}.py"))
     cfg.seed, cfg.requires, cfg.workdir = seed, "", os.path.join(root, name)
@@ -33,12 +33,12 @@ def stage_config(name: str, seed: int, root: str):
         cfg.model.init = os.path.join(root, "tiny_sft", "model")
     if name.startswith("tiny_ppo"):
         cfg.ppo.reward_adapter = os.path.join(root, name.replace("ppo", "rm"), "adapter")
-    return cfg
+    return RunSettings.from_config(cfg)
 
 
 def run_seed(seed: int, root: str) -> dict:
     from llava_jax.metrics import read_metrics
-    from llava_jax.trainer import exported_result, run_stage
+    from llava_jax.stages import exported_result, run_stage
 
     out: dict = {"seconds": {}}
     for name in STAGES:

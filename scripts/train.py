@@ -32,15 +32,20 @@ def main(argv):
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     elif os.environ.get("LLAVA_JAX_DISTRIBUTED"):
         jax.distributed.initialize()
-    from llava_jax.trainer import run_stage
+    from llava_jax.settings import RunSettings
+    from llava_jax.stages import run_stage
 
-    cfg = FLAGS.config
-    if cfg is None:
+    if FLAGS.config is None:
         sys.exit("--config is required, e.g. --config configs/tiny_sft.py")
     try:
-        run_stage(cfg)
+        run_stage(RunSettings.from_config(FLAGS.config), overrides=given_overrides(sys.argv[1:]))
     except ValueError as e:
         sys.exit(f"error: {e}")
+
+
+def given_overrides(argv: list[str]) -> list[str]:
+    """The --config.a.b=value arguments, as given."""
+    return [a for a in argv if a.startswith("--config.")]
 
 
 def check_overrides(argv: list[str]) -> None:
@@ -48,20 +53,11 @@ def check_overrides(argv: list[str]) -> None:
     (ml_collections would end in three chained tracebacks)."""
     import re
 
-    from llava_jax.trainer import load_config_file, unknown_field
+    from llava_jax.settings import unknown_field
 
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if path is None and "--config" in argv[:-1]:
-        path = argv[argv.index("--config") + 1]
-    overrides = [m.group(1) for a in argv if (m := re.match(r"--config\.([\w.]+)(=|$)", a))]
-    if not path or not overrides:
-        return
-    try:
-        cfg = load_config_file(path)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    for dotted in overrides:
-        problem = unknown_field(cfg, dotted)
+    for arg in argv:
+        m = re.match(r"--config\.([\w.]+)(=|$)", arg)
+        problem = m and unknown_field(m.group(1))
         if problem:
             sys.exit(f"error: {problem}")
 

@@ -5,6 +5,17 @@ import os
 from configs.tiny_ppo import get_config as tiny_ppo
 
 
+def run_config(cfg) -> dict:
+    """Runs the stage of a ConfigDict in this process, as scripts/train.py would after its
+    requirements: read into settings, then the stage's loop."""
+    from llava_jax.ppo_loop import run_ppo
+    from llava_jax.settings import RunSettings
+    from llava_jax.train_loop import run_train
+
+    settings = RunSettings.from_config(cfg)
+    return run_ppo(settings) if settings.stage == "ppo" else run_train(settings)
+
+
 def make_world(root: str, sft_steps: int | None = None, rm_steps: int | None = None,
                sft_epochs: float | None = None) -> tuple[str, str]:
     """(base checkpoint dir, reward adapter dir) under `root`: the README's chain, tiny_sft
@@ -13,7 +24,6 @@ def make_world(root: str, sft_steps: int | None = None, rm_steps: int | None = N
     itself alone: one device, no TensorBoard, checkpoints and RM evaluations only at the end."""
     from configs.tiny_rm import get_config as tiny_rm
     from configs.tiny_sft import get_config as tiny_sft
-    from llava_jax.trainer import run
 
     for name, make, steps, epochs in (("sft", tiny_sft, sft_steps, sft_epochs), ("rm", tiny_rm, rm_steps, None)):
         cfg = make()
@@ -33,7 +43,7 @@ def make_world(root: str, sft_steps: int | None = None, rm_steps: int | None = N
             cfg.model.init = os.path.join(root, "sft", "model")
             if steps is not None:  # a short run: full lr from the first step, or its scores stay ~0
                 cfg.optim.schedule, cfg.optim.learning_rate, cfg.optim.warmup_steps = "constant", 2e-3, 5
-        run(cfg)
+        run_config(cfg)
     return os.path.join(root, "sft", "model"), os.path.join(root, "rm", "adapter")
 
 

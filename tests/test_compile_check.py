@@ -12,6 +12,7 @@ from configs.common import base_config
 from configs.tiny_rm import get_config as tiny_rm
 from configs.tiny_sft import get_config as tiny_sft
 from llava_jax import compile_check as cc, compile_report, sharding
+from llava_jax.settings import RunSettings
 from llava_jax.model_ckpt import FORMAT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,7 @@ def _expected(tree, mesh):
 @pytest.mark.parametrize("make_cfg, mesh_shape", [(tiny_sft, (1, 8, 1)), (tiny_rm, (2, 2, 2))])
 def test_memory_figures_match_the_shardings(make_cfg, mesh_shape):
     os.chdir(ROOT)
-    cfg = make_cfg()
+    cfg = RunSettings.from_config(make_cfg())
     mesh = sharding.make_mesh(mesh_shape)
     ctx = cc.Context(cfg, mesh, cc.with_runtime(cfg, cc.resolve_model(cfg.model.init, None)[0]))
     step = cc.STEP_BUILDERS[f"{cfg.stage}_step"](ctx)
@@ -90,12 +91,16 @@ def test_ppo_rollout_and_update_compile():
     cfg.ppo.rollout_batch, cfg.ppo.step_batch, cfg.ppo.grad_accum = 8, 8, 2
     cfg.ppo.max_query_tokens, cfg.ppo.response_len = 8, 4
     mesh = sharding.make_mesh((1, 8, 1))
+    cfg = RunSettings.from_config(cfg)
     reports = cc.check(cfg, mesh, log=lambda _: None)
     assert [r.name for r in reports] == ["rollout_generate", "rollout_score", "ppo_step"]
     # Resident: the policy base + 4 adapters + 2 heads; AdamW moments of policy, value and its head.
     ctx = cc.Context(cfg, mesh, cc.with_runtime(cfg, cc.tiny_config()))
-    params, opt = cc.ppo_resident(ctx)
-    assert set(params["adapters"]) == {"policy", "ref_policy", "value", "reward"}
+    (trained, frozen), opt = params, opt = cc.ppo_trees(ctx).resident
+    assert set(trained) == {"policy", "value", "value_head"}
+    assert set(frozen) == {"policy_base", "ref", "reward", "reward_head"}
+    size = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree) if x.ndim)  # noqa: E731
+    assert size(opt) == 2 * size(trained)  # AdamW's two moments of the trained params, nothing of the frozen
     for report in reports:
         assert report.temp > 0 and report.compile_seconds > 0, report.name
         assert report.params == _expected(params, mesh) and report.opt == _expected(opt, mesh), report.name

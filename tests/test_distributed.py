@@ -4,7 +4,7 @@ localhost (CPU, one device each) gives the same per-step losses as 1 process wit
 Each process loads its own shard (perm[p::2], batch_size // 2 rows), so a global batch holds
 the same examples as the 1-process batch (in another row order); the SFT loss is a
 token-weighted mean over the global batch, so it agrees to float rounding. Each process picks
-the sequence bucket for its own rows; `trainer.agree_length` pads them all to the longest, which
+the sequence bucket for its own rows; `run_setup.agree_length` pads them all to the longest, which
 is the bucket the 1-process run picks for the whole batch (second test). Children run in
 their own process groups and are killed on failure or timeout, so a peer left waiting in a
 collective cannot hang the suite.
@@ -130,9 +130,11 @@ def _bucket_child(out: str) -> None:
 
     from llava_jax import sharding
     from llava_jax.models.llava import tiny_config
-    from llava_jax.trainer import agree_length, build_data, to_device
+    from llava_jax.run_setup import agree_length, to_device
+    from llava_jax.settings import RunSettings
+    from llava_jax.train_loop import build_data
 
-    loader, _, _ = build_data(_bucket_config(), tiny_config())
+    loader, _, _ = build_data(RunSettings.from_config(_bucket_config()), tiny_config())
     mesh = sharding.make_mesh((1, -1, 1))
     steps = []
     for _ in range(BUCKET_STEPS):
@@ -148,14 +150,15 @@ def _bucket_child(out: str) -> None:
 
 def test_processes_agree_on_the_bucket_of_the_global_batch(tmp_path):
     from llava_jax.models.llava import tiny_config
-    from llava_jax.trainer import build_data
+    from llava_jax.settings import RunSettings
+    from llava_jax.train_loop import build_data
 
     out = tmp_path / "steps.json"
     _run_all(_distributed([sys.executable, os.path.abspath(__file__), f"--out={out}"]), tmp_path / "logs")
     with open(out) as f:
         steps = json.load(f)
     os.chdir(ROOT)
-    loader, _, _ = build_data(_bucket_config(), tiny_config())  # this process alone: the whole batch
+    loader, _, _ = build_data(RunSettings.from_config(_bucket_config()), tiny_config())  # this process alone: the whole batch
     mixed = 0
     for step in steps:
         whole = next(loader)["input_ids"]

@@ -190,7 +190,7 @@ def test_question_mark_ids_are_found_as_the_original_finds_them():
 
     from llava_jax.data import load_tokenizer
     from llava_jax.data.tokenizer import HFTokenizer
-    from llava_jax.ppo_trainer import question_mark_ids
+    from llava_jax.ppo_setup import question_mark_ids
 
     toy = load_tokenizer("data/toy/tokenizer")
     assert question_mark_ids(toy) == (toy.encode("?")[-1],) and toy.decode(question_mark_ids(toy)) == "?"
@@ -213,13 +213,14 @@ def test_schedule_equals_hf_stepped_as_the_original(unit):
     from transformers import get_cosine_schedule_with_warmup
 
     from configs.ppo_13b import get_config
-    from llava_jax.ppo_trainer import ppo_optimizer
+    from llava_jax.ppo_setup import ppo_optimizer
+    from llava_jax.settings import RunSettings
 
     cfg = get_config()
     cfg.ppo.rollout_batch, cfg.ppo.step_batch, cfg.ppo.ppo_epochs = 8, 4, 2
     cfg.ppo.lr_schedule_unit = unit
     steps, updates = 12, 4
-    _, schedule = ppo_optimizer(cfg, steps)
+    _, schedule = ppo_optimizer(RunSettings.from_config(cfg), steps)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.learning_rate)
     total = steps if unit == "rollout" else steps * updates
     hf = get_cosine_schedule_with_warmup(opt, cfg.optim.warmup_steps, total)

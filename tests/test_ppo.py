@@ -10,8 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from llava_jax.ppo_trainer import run_ppo
-from ppo_helpers import make_world, ppo_config, ppo_overrides
+from ppo_helpers import make_world, ppo_config, ppo_overrides, run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE_DIR: list = []  # where reference_run ran (its checkpoints and exports)
@@ -39,13 +38,13 @@ def reference_run(world, tmp_path_factory):
     REFERENCE_DIR[:] = [workdir]
     cfg = ppo_config(workdir, *world, steps=5, mesh=(1, 1, 1))
     cfg.checkpoint.every = 1
-    run_ppo(cfg)
+    run_config(cfg)
     return _metrics(workdir)
 
 
 def test_same_ppo_steps_on_one_device_and_on_8_devices(world, reference_run, tmp_path):
     workdir = tmp_path / "mesh"
-    run_ppo(ppo_config(workdir, *world, steps=2, mesh=(2, 2, 2)))  # every mesh axis split
+    run_config(ppo_config(workdir, *world, steps=2, mesh=(2, 2, 2)))  # every mesh axis split
     rows = _metrics(workdir)
     assert len(rows) == 2 and reference_run[1]["approx_kl"] > 0  # step 2 samples from an updated policy
     for row, ref in zip(rows, reference_run):
@@ -61,7 +60,7 @@ def test_length_penalty_alone_shortens_responses(world, tmp_path):
     cfg.ppo.length_bonus = -10.0  # the original's weight (tiny_ppo scales it to its 32-token responses)
     cfg.optim.learning_rate = 3e-3  # 12 steps: a trend well above the noise of each batch's prompt mix
     cfg.ppo.export_merged = True
-    run_ppo(cfg)
+    run_config(cfg)
     rows = _metrics(cfg.workdir)
     lengths = [r["response_length"] for r in rows]
     assert all(r["rm_score"] == 0 and r["no_stop_penalty"] == 0 for r in rows)
@@ -127,7 +126,7 @@ def test_value_and_reward_on_a_second_base_with_its_own_tower(world, tmp_path):
                       heads.init_head("reward", config.text.hidden_size, jax.random.PRNGKey(7)), "reward")
     cfg = ppo_config(tmp_path / "two_bases", world[0], str(tmp_path / "reward_adapter"), steps=2)
     cfg.ppo.reward_base = str(tmp_path / "reward_base")
-    run_ppo(cfg)
+    run_config(cfg)
     rows = _metrics(cfg.workdir)
     assert len(rows) == 2 and all(np.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
     assert rows[0]["rm_score"] != 0 and rows[1]["value_mean"] != 0  # the value head trained on the second base
@@ -146,7 +145,7 @@ def test_original_recipe_in_bfloat16(world, tmp_path, old_logprobs):
     cfg = ppo_config(tmp_path / old_logprobs, *world, steps=1)
     cfg.update_from_flattened_dict({**ORIGINAL_RECIPE, "ppo.old_logprobs": old_logprobs})
     cfg.model.dtype = cfg.model.param_dtype = "bfloat16"
-    run_ppo(cfg)
+    run_config(cfg)
     (first,) = _metrics(cfg.workdir)
     assert first["lr"] == 0.0  # the schedule itself: test_fidelity.py
     if old_logprobs == "recompute":
@@ -168,7 +167,7 @@ def test_rerun_of_a_finished_run_exports_without_training(world, reference_run, 
     lines = (workdir / "metrics.jsonl").read_text()
     cfg = ppo_config(workdir, *world, steps=5)
     cfg.checkpoint.every = 1
-    run_ppo(cfg)
+    run_config(cfg)
     assert (workdir / "metrics.jsonl").read_text() == lines
     for name in ("adapter", "peft_adapter", "value_adapter"):
         assert (workdir / name).is_dir(), name
@@ -178,4 +177,4 @@ def test_lora_dropout_is_rejected_not_ignored(world, tmp_path):
     cfg = ppo_config(tmp_path / "dropout", *world, steps=1)
     cfg.train.lora_dropout = 0.1
     with pytest.raises(ValueError, match=r"config.train.lora_dropout=0.1: PPO runs its adapters without dropout"):
-        run_ppo(cfg)
+        run_config(cfg)

@@ -11,7 +11,7 @@ import numpy as np
 
 from configs.tiny_ppo import get_config as tiny_ppo
 from configs.tiny_rm import get_config as tiny_rm
-from llava_jax.ppo_trainer import run_ppo
+from ppo_helpers import run_config
 
 
 def _metrics(workdir) -> list[dict]:
@@ -45,7 +45,7 @@ def test_ppo_lowers_held_out_hallucination_without_collapse(toy_world, tmp_path)
                                     "ppo.reward_adapter": rm_adapter, "train.max_steps": 16,
                                     "log.tensorboard": False, "data.workers": 0,
                                     "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
-    run_ppo(cfg)
+    run_config(cfg)
     with open(tmp_path / "ppo" / "eval" / "summary.json") as f:
         summary = json.load(f)
     sft, ppo = summary["sft"], summary["ppo"]

@@ -8,6 +8,7 @@ import pytest
 
 from configs.tiny_rm import get_config as tiny_rm
 from llava_jax import compile_check as cc, sharding, targets
+from llava_jax.settings import RunSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +24,7 @@ def _rm(batch_size: int, max_length: int):
     os.chdir(ROOT)
     cfg = tiny_rm()
     cfg.train.batch_size, cfg.data.max_length = batch_size, max_length
-    return cfg
+    return RunSettings.from_config(cfg)
 
 
 def test_tiny_rm_step_compiles_for_v5e_8(v5e_mesh):

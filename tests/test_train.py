@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs.tiny_sft import get_config as tiny_sft
-from llava_jax.trainer import run
+from ppo_helpers import run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ def test_same_sft_steps_on_one_device_and_on_8_device_meshes(tmp_path):
     os.chdir(ROOT)
     losses = {}
     for mesh in [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)]:
-        run(_cfg(tmp_path / "x".join(map(str, mesh)), 3, mesh))
+        run_config(_cfg(tmp_path / "x".join(map(str, mesh)), 3, mesh))
         losses[mesh] = _losses(tmp_path / "x".join(map(str, mesh)))
     assert len(losses[(1, 1, 1)]) == 3
     for mesh, values in losses.items():
@@ -63,7 +63,7 @@ def test_sigkill_then_resume_reaches_the_same_losses(tmp_path):
     os.chdir(ROOT)
     reference = _cfg(tmp_path / "full", steps)
     reference.checkpoint.every = 1
-    run(reference)  # uninterrupted, in-process (same devices and config as the subprocesses)
+    run_config(reference)  # uninterrupted, in-process (same devices and config as the subprocesses)
     full = _losses(tmp_path / "full")
     assert len(full) == steps and np.mean(full[-3:]) < full[0] - 0.3  # tiny_sft lowers the loss
 
@@ -89,20 +89,20 @@ def test_bad_config_fails_before_device_work(tmp_path):
     cfg = _cfg(tmp_path, 1)
     cfg.stage = "dpo"
     with pytest.raises(ValueError, match="config.stage='dpo'"):
-        run(cfg)
+        run_config(cfg)
     cfg = _cfg(tmp_path, 1, mesh=(3, 3, 1))
     with pytest.raises(ValueError, match="needs 9 devices, but 8 are available"):
-        run(cfg)
+        run_config(cfg)
     from configs.tiny_rm import get_config as tiny_rm
 
     cfg = tiny_rm()
     cfg.workdir, cfg.model.init, cfg.train.grad_accum = str(tmp_path / "rm"), "tiny", 2
     with pytest.raises(ValueError, match="config.train.grad_accum=2: the RM step takes whole batches"):
-        run(cfg)
+        run_config(cfg)
     cfg = _cfg(tmp_path, 1)
     cfg.data.train = "nope.json"
     with pytest.raises(ValueError, match="config.data.train='nope.json' does not exist"):
-        run(cfg)
+        run_config(cfg)
     # A mistyped override: one line naming it and the closest fields, no traceback.
     result = subprocess.run(_train_cmd(tmp_path / "w", 1) + ["--config.train.batch_sise=3"], cwd=ROOT,
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})

@@ -1,0 +1,185 @@
+"""The PPO loop (`run_ppo`): per PPO step one rollout batch (rollout.py) and `ppo_epochs`
+passes of shuffled minibatch updates (ppo.ppo_step), with checkpoints, metrics and the
+exported policy at the end. The PPO layout is in ppo_setup.py, what it shares with the
+SFT/RM loop in run_setup.py.
+
+A PPO step is one rollout batch; checkpoints are taken between steps and hold the
+trainable params (policy adapter, value adapter + head), optimiser state, the KL
+coefficient and the prompt loader's position; the rollout RNG is derived from the step, so
+a run killed mid-rollout resumes to the same rollouts and metrics.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llava_jax import fact_reward, lora as lora_lib, ppo, ppo_setup, roles, run_setup, sharding
+from llava_jax.rollout import Rollouts, RolloutConfig, write_samples
+from llava_jax.settings import RunSettings, validate
+from llava_jax.train_state import create_state
+
+
+def build_prompts(s: RunSettings, spec: roles.PPOSpec) -> tuple[Any, Any, Any]:
+    """(prompt loader, tokenizer, reward prompt); each process reads its shard."""
+    from llava_jax.data import ImageProcessor, Loader, RLPromptDataset, load_captions, load_tokenizer, vision_kwargs
+    from llava_jax.reward_prompt import DEFAULT_PROMPT_FILE, RewardPrompt
+
+    tokenizer = load_tokenizer(s.data.tokenizer)
+    reward_images = None
+    if not spec.shared_base:
+        reward_images = ImageProcessor.for_image_size(spec.reward_config.vision.image_size)
+    dataset = RLPromptDataset(s.data.train, tokenizer, captions=load_captions(s.data.captions) if s.data.captions
+                              else None, max_query_tokens=s.ppo.max_query_tokens,
+                              reward_image_processor=reward_images, image_folder=s.data.image_folder,
+                              template=s.data.template, strict=s.data.strict, **vision_kwargs(spec.policy_config))
+    chunk = s.ppo.chunk // jax.process_count()
+    loader = Loader(dataset, chunk, seed=s.seed, buckets=[dataset.max_length], pad_side="left",
+                    num_workers=s.data.workers)
+    prompt = RewardPrompt.from_file(s.rm.prompt_file or DEFAULT_PROMPT_FILE)
+    return loader, tokenizer, prompt
+
+
+def minibatch_order(seed: int, step: int, epoch: int, rows: int) -> np.ndarray:
+    return np.random.default_rng((seed, step, epoch)).permutation(rows)
+
+
+def run_ppo(s: RunSettings) -> dict:
+    """Trains the policy (and value) with PPO as configured; returns the last metrics."""
+    from llava_jax.data import load_captions
+
+    validate(s, jax.process_count(), jax.device_count())
+    p = s.ppo
+    mesh = run_setup.make_mesh(s)
+    spec, params, frozen = ppo_setup.load_roles(s)
+    loader, tokenizer, prompt = build_prompts(s, spec)
+    chunks_per_step = p.rollout_batch // p.chunk
+    # The original's count: prompts x epochs // rollout_batch (a partial last rollout batch is not run).
+    prompts = len(loader.dataset.items)
+    steps = s.train.max_steps if s.train.max_steps > 0 else max(1, int(s.train.num_epochs * prompts) // p.rollout_batch)
+    optimizer, schedule = ppo_setup.ppo_optimizer(s, steps)
+    hyper = ppo_setup.ppo_hyper(p)
+    weights = fact_reward.RewardWeights(p.rm_weight, p.correct_bonus, p.length_bonus, p.no_stop_penalty)
+    rcfg = RolloutConfig(ppo_setup.sampling_config(p, tokenizer.eos_id, tokenizer.pad_id), weights,
+                         with_facts=p.with_facts, template=s.data.template, pad_multiple=p.reward_pad_multiple,
+                         seed=s.seed, cut_ids=ppo_setup.question_mark_ids(tokenizer) if p.cut_at_question_mark else (),
+                         recompute_logprobs=p.old_logprobs == "recompute")
+    frozen_sh = ppo_setup.frozen_shardings(spec, frozen, mesh)
+    frozen = jax.device_put(frozen, frozen_sh)
+    state_shape = jax.eval_shape(lambda q: create_state(q, optimizer, jax.random.PRNGKey(s.seed)), params)
+    state_sh = ppo_setup.state_shardings(spec, state_shape, mesh)
+    ckpt = run_setup.open_checkpoints(s)
+    state, extras, loader_state, latest = run_setup.init_or_restore(s, ckpt, params, optimizer, state_sh,
+                                                                    {"kl_coef": float(p.kl_coef)})
+    if loader_state is not None:
+        loader.restore(loader_state)
+    kl_coef = extras["kl_coef"]
+    del params
+    rollouts = Rollouts(spec, hyper, rcfg, tokenizer, prompt, mesh, frozen_sh)
+    step_fn = ppo_setup.jit_ppo_step(spec, hyper, optimizer, schedule, state_sh, frozen_sh)
+    take = jax.jit(lambda tree, idx: jax.tree_util.tree_map(lambda x: x[idx], tree))
+    add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
+    judge_captions = load_captions(os.path.join(s.eval.toy_dir, "captions.json")) if s.eval.toy_dir else None
+
+    def derive(m: dict) -> dict:  # the update's mean metrics and the step's throughput, on the host
+        out = {k[len("sum_"):]: v / p.updates_per_step for k, v in m.items() if k.startswith("sum_")}
+        out["update_seconds"] = m["step_seconds"] - m["rollout_seconds"] - m["score_seconds"]
+        out["tokens_per_s"] = m["response_length"] * p.rollout_batch / m["step_seconds"]
+        return out
+
+    start = latest or 0
+    tail = run_setup.StepTail(s, ckpt, steps=steps, start=start, desc="ppo", bar_loss="score_total", derive=derive)
+    with jax.set_mesh(mesh), sharding.activation_rules():  # set_mesh: flax sees the mesh (activation constraints)
+        for step in range(start + 1, steps + 1):
+            begin = time.perf_counter()
+            timings = {"generate": 0.0, "score": 0.0}
+            batches = [next(loader) for _ in range(chunks_per_step)]
+            rollout, metrics, samples = rollouts.collect(frozen, state.params, batches, step, kl_coef, timings)
+            if judge_captions is not None:
+                metrics["hallucination_rate"] = rollout_hallucination(samples, judge_captions)
+            sums = None
+            for epoch in range(p.ppo_epochs):
+                order = minibatch_order(s.seed, step, epoch, p.rollout_batch)
+                for row in range(0, p.rollout_batch, p.step_batch):
+                    state, update = step_fn(state, frozen, take(rollout, jnp.asarray(order[row:row + p.step_batch])))
+                    sums = update if sums is None else add(sums, update)  # stays on the device
+            if p.adaptive_kl:
+                kl_coef = ppo.adaptive_kl_coef(kl_coef, metrics["kl"], p.target_kl, p.kl_horizon, p.rollout_batch)
+            if step % s.log.every == 0 or step == steps:
+                if jax.process_index() == 0:
+                    write_samples(s.workdir, step, samples)
+            jax.block_until_ready(state)  # the step's wall time includes its updates
+            metrics.update(rollout_seconds=timings["generate"], score_seconds=timings["score"],
+                           step_seconds=time.perf_counter() - begin)
+            on_device = {f"sum_{k}": v for k, v in sums.items()}
+            if tail.end_step(step, on_device, metrics, {"train": state, "extras": {"kl_coef": jnp.float32(kl_coef)}},
+                             loader):
+                break
+    last = tail.close()
+    loader.close()
+    # Export whenever the final state is at hand: also on a rerun that found the last step
+    # already checkpointed (a kill before the export, or a multi-host run exported from one host).
+    if not tail.preempted:
+        export_policy(s, spec, state, frozen)
+        if s.eval.toy_dir and jax.process_index() == 0:
+            evaluate_toy(s, spec, state, frozen, tokenizer)
+    return last
+
+
+def rollout_hallucination(samples: list[dict], captions: dict) -> float:
+    """Share of the rollout's description answers (caption_type 1) that name a shape the
+    image lacks, by the toy judge (this process's rows)."""
+    from llava_jax.data.toy_judge import hallucination_rate
+
+    rows = [s for s in samples if s["caption_type"] == 1 and s["image"] in captions]
+    return hallucination_rate([s["response"] for s in rows], [captions[s["image"]] for s in rows])
+
+
+def evaluate_toy(s: RunSettings, spec: roles.PPOSpec, state: Any, frozen: dict, tokenizer: Any) -> dict:
+    """Greedy held-out evaluation of the starting (SFT) policy and the PPO policy on the toy
+    world: prints the before/after table, writes workdir/eval/."""
+    from llava_jax.toy_eval import compare, format_table
+
+    base = jax.device_get(frozen["policy_base"])
+    policies = [("sft", lora_lib.Adapter(jax.device_get(frozen["ref"]), spec.policy_lora)),
+                ("ppo", lora_lib.Adapter(jax.device_get(state.params["policy"]), spec.policy_lora))]
+    out = os.path.join(s.workdir, "eval")
+    summary = compare([(name, spec.policy_config, base, adapter) for name, adapter in policies], tokenizer,
+                      s.eval.toy_dir, out, s.ppo.response_len, s.eval.batch_size)
+    print(f"held-out evaluation on {s.eval.toy_dir} (answers and summary.json in {out}):")
+    print(format_table(summary))
+    return summary
+
+
+def export_policy(s: RunSettings, spec: roles.PPOSpec, state: Any, frozen: dict) -> None:
+    """workdir/adapter (ours), workdir/peft_adapter (PEFT), workdir/value_adapter (value
+    LoRA + head), optionally workdir/hf_merged, and workdir/metrics.png with the reward curve."""
+    from llava_jax.model_ckpt import write_adapter_dir
+    from llava_jax.convert.peft import write_peft_adapter
+    from llava_jax.metrics import plot_run
+
+    if jax.process_count() > 1:
+        print("export of the trained policy is single-process only: rerun this command as one process (one "
+              "host) and it restores the final checkpoint and exports")
+        return
+    params = jax.device_get(state.params)
+    policy = lora_lib.Adapter(params["policy"], spec.policy_lora)
+    write_adapter_dir(os.path.join(s.workdir, "adapter"), policy, overwrite=True, extra={"trained_by": "ppo"})
+    write_adapter_dir(os.path.join(s.workdir, "value_adapter"), lora_lib.Adapter(params["value"], spec.value_lora),
+                      params["value_head"], "value", overwrite=True, extra={"trained_by": "ppo"})
+    write_peft_adapter(os.path.join(s.workdir, "peft_adapter"), policy, overwrite=True,
+                       base_model_name_or_path=os.path.abspath(s.model.init) if s.model.init != "tiny" else None)
+    if s.ppo.export_merged:
+        from llava_jax.convert import export_hf
+
+        base = jax.device_get(frozen["policy_base"])
+        export_hf(spec.policy_config, lora_lib.merge(base, policy), os.path.join(s.workdir, "hf_merged"),
+                  tokenizer_dir=s.data.tokenizer, overwrite=True)
+    if jax.process_index() == 0:
+        out = plot_run(s.workdir, ["score_total", "rm_score", "hallucination_rate", "response_length", "kl",
+                                     "policy_loss", "value_loss"])
+        print(f"policy adapter: {s.workdir}/adapter (PEFT: {s.workdir}/peft_adapter); curves: {out}")

@@ -1,0 +1,127 @@
+"""The PPO layout, shared by the PPO loop (ppo_loop.py) and the compile check: the four
+roles' trees over one or two bases (`roles_trees`), their shardings, the PPO
+hyper-parameters, optimiser, sampling settings and the jitted update.
+
+Trainable: {policy LoRA, value LoRA, value head} (float32). Frozen: the policy base, the
+reference adapter (the policy's start), the reward LoRA + head, and with ppo.reward_base a
+second base under the reward and value models.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from llava_jax import heads, lora as lora_lib, ppo, roles, run_setup, sharding, trainable
+from llava_jax.optim import make_optimizer
+from llava_jax.sampling import SamplingConfig
+from llava_jax.settings import PPOSettings, RunSettings
+
+
+def ppo_hyper(p: PPOSettings) -> ppo.PPOHyper:
+    return ppo.PPOHyper(clip=p.clip, value_clip=p.value_clip, vf_coef=p.vf_coef, gamma=p.gamma, lam=p.lam,
+                        kl_estimator=p.kl_estimator, reward_scale=p.reward_scale, whiten_rewards=p.whiten_rewards,
+                        whiten_over_pads=p.whiten_over_pads, loss_over_pads=p.loss_over_pads,
+                        exact_ratio=p.old_logprobs == "recompute", grad_accum=p.grad_accum)
+
+
+def ppo_optimizer(s: RunSettings, steps: int) -> tuple[Any, Any]:
+    """(optimiser, schedule) of a PPO run of `steps` PPO steps; the schedule advances per
+    optimiser update or, as the original, per PPO step (`ppo.lr_schedule_unit`)."""
+    per_step = s.ppo.updates_per_step
+    if s.ppo.lr_schedule_unit == "rollout":
+        return make_optimizer(s.optim, steps, updates_per_unit=per_step)
+    return make_optimizer(s.optim, steps * per_step)
+
+
+def sampling_config(p: PPOSettings, eos_id: int, pad_id: int = 0) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=p.response_len, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                          eos_id=eos_id, pad_id=pad_id, cache_dtype=p.cache_dtype)
+
+
+def question_mark_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The original's cut tokens: the last id of "?" and of "\\n?", "?" after a word prefix
+    and without one (1577 and 29973 for LLaMA's tokenizer, where the original asserts them;
+    one id for tokenizers that split the prefix off)."""
+    ids = tuple(dict.fromkeys(tokenizer.encode(text)[-1] for text in ("?", "\n?")))
+    for i in ids:
+        if tokenizer.decode([i]).strip() != "?":
+            raise ValueError(f"ppo.cut_at_question_mark: token {i} of this tokenizer is "
+                             f"{tokenizer.decode([i])!r}, not '?'")
+    return ids
+
+
+def roles_trees(policy_base: dict, policy: lora_lib.Adapter, reward: lora_lib.Adapter, reward_head: dict,
+                value_head: dict, reward_base: dict | None = None) -> tuple[dict, dict]:
+    """(trainable params, frozen trees) of the four roles; traceable (the compile check runs
+    it under eval_shape). The value model starts from the reward model's adapter."""
+    f32 = functools.partial(trainable.cast_tree, dtype=jnp.float32)
+    params = {"policy": f32(policy.params), "value": f32(reward.params), "value_head": value_head}
+    frozen = {"policy_base": policy_base, "ref": policy.params, "reward": reward.params, "reward_head": reward_head}
+    if reward_base is not None:
+        frozen["reward_base"] = reward_base
+    return params, frozen
+
+
+def load_roles(s: RunSettings) -> tuple[roles.PPOSpec, dict, dict]:
+    """(spec, trainable params, frozen trees) from the run's checkpoints and adapters."""
+    from llava_jax.model_ckpt import load_adapter_dir, load_checkpoint
+
+    policy_config, policy_base, _ = run_setup.load_model(s)
+    p = s.ppo
+    shared = not p.reward_base or os.path.abspath(p.reward_base) == os.path.abspath(s.model.init)
+    reward_config, rbase = policy_config, policy_base
+    if not shared:
+        reward_config, rbase = load_checkpoint(p.reward_base, dtype=s.model.param_dtype)
+        reward_config = reward_config.with_runtime(**s.model.runtime_knobs())
+    if p.policy_adapter:
+        policy, _, _ = load_adapter_dir(p.policy_adapter, policy_base)
+    else:  # b = 0: the policy starts as (and the reference stays) the base model
+        policy = lora_lib.init_adapter(policy_base, s.train.lora_config(), jax.random.PRNGKey(s.seed))
+    reward, reward_head, kind = load_adapter_dir(p.reward_adapter, rbase)
+    if kind != "reward":
+        raise ValueError(f"config.ppo.reward_adapter={p.reward_adapter!r} has no reward head (head: {kind})")
+    spec = roles.PPOSpec(policy_config, policy.config, reward_config, reward.config, reward.config, shared,
+                         temperature=p.temperature)
+    value_head = heads.init_head("value", reward_config.text.hidden_size)
+    params, frozen = roles_trees(policy_base, policy, reward, reward_head, value_head, None if shared else rbase)
+    return spec, params, frozen
+
+
+def roles_logical(spec: roles.PPOSpec, tree: dict) -> dict:
+    """Logical PartitionSpecs of the trainable params or of the frozen adapters and heads."""
+    from llava_jax.models.llava import logical_axes
+
+    policy_axes, reward_axes = logical_axes(spec.policy_config), logical_axes(spec.reward_config)
+    adapter_axes = {"policy": policy_axes, "ref": policy_axes, "value": reward_axes, "reward": reward_axes}
+    out = {}
+    for key, value in tree.items():
+        if key in adapter_axes:
+            out[key] = sharding.adapter_logical_axes(value, adapter_axes[key])
+        elif key.endswith("head"):
+            out[key] = jax.tree_util.tree_map(lambda _: PartitionSpec(), value)
+    return out
+
+
+def frozen_shardings(spec: roles.PPOSpec, frozen: dict, mesh: Any) -> dict:
+    shardings = sharding.shardings_for({k: v for k, v in frozen.items() if not k.endswith("base")},
+                                       roles_logical(spec, frozen), mesh)
+    shardings["policy_base"] = run_setup.frozen_shardings(spec.policy_config, frozen["policy_base"], mesh)
+    if "reward_base" in frozen:
+        shardings["reward_base"] = run_setup.frozen_shardings(spec.reward_config, frozen["reward_base"], mesh)
+    return shardings
+
+
+def state_shardings(spec: roles.PPOSpec, state_shape: Any, mesh: Any) -> Any:
+    return run_setup.state_shardings(state_shape, mesh, roles_logical(spec, state_shape.params))
+
+
+def jit_ppo_step(spec: roles.PPOSpec, hyper: ppo.PPOHyper, optimizer: Any, schedule: Any, state_sh: Any,
+                 frozen_sh: Any) -> Callable:
+    """One PPO minibatch update, jitted with explicit shardings; the state is donated."""
+    return jax.jit(functools.partial(ppo.ppo_step, spec, hyper, optimizer, schedule),
+                   in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))

@@ -1,0 +1,58 @@
+"""Which loop runs a stage, after the stages it `requires`: `run_stage(settings)` is what
+`scripts/train.py` calls. A required config runs first when its workdir has no exported
+result (`tiny_ppo` needs a tiny SFT model and a tiny reward model).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import jax
+
+from llava_jax.settings import RunSettings, load_config_file
+
+
+def exported_result(s: RunSettings) -> str | None:
+    """The model or adapter a finished run of `s` left in its workdir, if any."""
+    for name in ("model", "adapter"):
+        path = os.path.join(s.workdir, name)
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def run_requirements(s: RunSettings, overrides: Sequence[str] = (), _seen: tuple[str, ...] = ()) -> None:
+    """Runs each config in `s.requires` (its own requirements first) whose workdir has no
+    exported result yet. Command-line overrides belong to the stage they were given for:
+    a required stage runs from its own file, and says which overrides it does not take."""
+    for path in s.required_configs():
+        if path in _seen:
+            raise ValueError(f"config.requires: cycle through {path}")
+        required = RunSettings.from_config(load_config_file(path))
+        if exported_result(required) is not None:
+            continue
+        run_requirements(required, overrides, (*_seen, path))
+        if jax.process_index() == 0:
+            print(f"requirement {path}: no result in {required.workdir} yet, running it first")
+            if overrides:
+                print(f"requirement {path} runs from its own file: it does not take the overrides "
+                      f"{' '.join(overrides)} (run it on its own with them first if it should)")
+        _run(required)
+        if exported_result(required) is None:
+            raise ValueError(f"requirement {path} finished without writing {required.workdir}/model or /adapter")
+
+
+def run_stage(s: RunSettings, overrides: Sequence[str] = ()) -> dict:
+    """Trains the stage `s.stage` names (after its requirements); the last step's metrics."""
+    run_requirements(s, overrides)
+    return _run(s)
+
+
+def _run(s: RunSettings) -> dict:
+    if s.stage == "ppo":
+        from llava_jax.ppo_loop import run_ppo
+
+        return run_ppo(s)
+    from llava_jax.train_loop import run_train
+
+    return run_train(s)
