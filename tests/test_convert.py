@@ -60,6 +60,43 @@ def test_llava_hf_import_matches_hf_logits(llava_hf_mlp):
     assert tiny_hf.rel_error(ours, ref, mask) <= 1e-4
 
 
+def _saved_names(directory: str) -> set[str]:
+    """Tensor names over every safetensors file of a directory, read with safetensors itself."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for path in glob.glob(os.path.join(directory, "*.safetensors")):
+        with safe_open(path, "np") as f:
+            names.update(f.keys())
+    return names
+
+
+def test_export_writes_the_names_transformers_saves(llava_hf, root):
+    """Our export names every tensor as the installed transformers' save_pretrained does for
+    the same model (one shard or several), and transformers loads it with no key left over."""
+    projector, _, src = llava_hf  # src: written by LlavaForConditionalGeneration.save_pretrained
+    config, params = load_hf(src)
+    for shard_bytes in (5 * 2**30, 20_000):
+        out = str(root / f"names_export_{projector}_{shard_bytes}")
+        export_hf(config, params, out, max_shard_bytes=shard_bytes)
+        assert _saved_names(out) == _saved_names(src)
+        assert_hf_loads_clean(out)
+    assert any(n.startswith("vision_tower.embeddings.") for n in _saved_names(src))
+
+
+def test_transformers_4_vision_names_still_import(llava_hf, root):
+    """Published llava-hf checkpoints nest the CLIP tower under `vision_tower.vision_model.`."""
+    projector, _, src = llava_hf
+
+    def nest(tensors):
+        for name in [n for n in tensors if n.startswith("vision_tower.")]:
+            tensors["vision_tower.vision_model." + name[len("vision_tower."):]] = tensors.pop(name)
+
+    legacy = copy_hf_dir(src, str(root / f"legacy_names_{projector}"), edit=nest)
+    assert any(n.startswith("vision_tower.vision_model.encoder.") for n in _saved_names(legacy))
+    assert_trees_equal(load_hf(legacy)[1], load_hf(src)[1])
+
+
 # ----------------------------------------------------------------------------- 2. original LLaVA layout
 
 def test_original_layout_import_verify_export(original, clip, root, capsys):

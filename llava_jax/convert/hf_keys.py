@@ -1,10 +1,13 @@
 """The one table between HF tensor names and our parameter paths.
 
 HF checkpoints come in several layouts; `canonical_name` first rewrites every source name
-to the llava-hf hub layout (`vision_tower.vision_model.*`, `multi_modal_projector.*`,
-`language_model.model.*`, `language_model.lm_head.weight`), which is also what `export`
-writes. `PARAM_TABLE` then maps each canonical name to a path in our params tree and says
-how the tensor is laid out (PyTorch Linear stores [out, in], Flax Dense [in, out]).
+to the names transformers 5's `LlavaForConditionalGeneration.save_pretrained` writes
+(`vision_tower.*`, `multi_modal_projector.*`, `language_model.model.*`,
+`language_model.lm_head.weight`), which is also what `export` writes. The older llava-hf
+layout, with the tower under `vision_tower.vision_model.*` (transformers 4 and most
+published checkpoints), is read as well. `PARAM_TABLE` then maps each canonical name to a
+path in our params tree and says how the tensor is laid out (PyTorch Linear stores
+[out, in], Flax Dense [in, out]).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import re
 
 import numpy as np
 
-VISION = "vision_tower.vision_model."
+VISION = "vision_tower."
 PROJECTOR = "multi_modal_projector."
 LLM = "language_model.model."
 LM_HEAD = "language_model.lm_head."
@@ -21,8 +24,9 @@ LM_HEAD = "language_model.lm_head."
 # Source layout -> ordered (source prefix, canonical prefix) rewrites; first match wins.
 LAYOUT_PREFIXES: dict[str, list[tuple[str, str]]] = {
     "llava_hf": [
-        ("model.vision_tower.vision_model.", VISION), ("model.vision_tower.", VISION),
-        (VISION, VISION), ("vision_tower.", VISION),
+        # transformers 4 nests CLIP's modules under `vision_model.`; 5 does not
+        ("model.vision_tower.vision_model.", VISION), ("vision_tower.vision_model.", VISION),
+        ("model.vision_tower.", VISION), (VISION, VISION),
         ("model.multi_modal_projector.", PROJECTOR), (PROJECTOR, PROJECTOR),
         ("model.language_model.", LLM), (LLM, LLM),
         (LM_HEAD, LM_HEAD), ("lm_head.", LM_HEAD),
