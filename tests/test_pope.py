@@ -32,7 +32,7 @@ def test_pope_scores_hand_counted():
 
 
 def test_toy_hallucination_judge():
-    from llava_jax.data.toy_judge import hallucinates, hallucination_rate, scene_objects
+    from llava_jax.data.toy_judge import hallucinates, scene_objects
 
     objects = scene_objects(["There is a blue triangle in the top right and a red square in the bottom right."])
     assert objects == {("blue", "triangle"), ("red", "square")}
@@ -40,7 +40,6 @@ def test_toy_hallucination_judge():
     assert hallucinates("A red triangle.", objects)  # wrong colour
     assert hallucinates("There is a circle.", objects)  # absent shape
     assert not hallucinates("No, there is no green cross.", objects)  # a denial is not a claim
-    assert hallucination_rate(["A red circle.", "A red square."], [["a red square"]] * 2) == 0.5
 
 
 def test_toy_describe_scores():

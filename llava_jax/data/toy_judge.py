@@ -32,11 +32,6 @@ def hallucinates(answer: str, objects: set[tuple[str, str]]) -> bool:
     return any(m.group(1) not in shapes and not _negated(text, m.start()) for m in _SHAPE.finditer(text))
 
 
-def hallucination_rate(answers: Iterable[str], captions_per_answer: Iterable[Iterable[str]]) -> float:
-    flags = [hallucinates(a, scene_objects(c)) for a, c in zip(answers, captions_per_answer)]
-    return sum(flags) / max(len(flags), 1)
-
-
 def named_objects(answer: str) -> list[tuple[str, str]]:
     """The coloured shapes an answer claims (denials left out), in order."""
     text = answer.lower()
