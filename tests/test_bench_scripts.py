@@ -1,0 +1,46 @@
+"""The benchmark scripts on tiny shapes on the CPU: `scripts/bench_ppo.py --vs-hf` (our PPO
+step against the PyTorch reference of tests/torch_ppo_reference.py: the same rollout gives
+the same scores, advantages, losses and gradient norms on both sides, and the ratio line is
+printed) and `scripts/bench_gpu.py --tiny` (every section runs, so the script works the first
+time a GPU is there)."""
+import re
+
+import numpy as np
+
+# bench_ppo's tiny --vs-hf shapes; bench_gpu --tiny runs its PPO section at the same ones.
+PPO_ARGS = ["--rollout-batch", "4", "--step-batch", "2", "--response-len", "8"]
+
+
+def test_bench_ppo_vs_hf_agrees_and_prints_the_ratio(capsys):
+    from scripts.bench_ppo import main
+
+    main(["--vs-hf", *PPO_ARGS, "--rounds", "1"])  # exits 1 when the check fails
+    out = capsys.readouterr().out
+    assert "check (rtol 0.0001, atol 0.0001): PASS" in out, out
+    assert "FAIL" not in out, out
+    for phase in ("| sampling", "| scoring", "| update", "| PPO step"):
+        assert re.search(re.escape(phase) + r"[^|]*\| [\d.]+ \| [\d.]+ \| [\d.]+x \|", out), (phase, out)
+    assert re.fullmatch(r"ppo step ours/hf: \d+\.\d\dx", out.strip().splitlines()[-1]), out
+
+
+def test_bench_ppo_check_fails_on_a_difference():
+    from scripts.bench_ppo import CHECKED, check_vs_torch
+
+    ours = {k: np.linspace(-1.0, 1.0, 6) if k in ("values", "advantages") else np.float64(1.5) for k in CHECKED}
+    assert check_vs_torch(ours, dict(ours), tight=True)[0]
+    for key in ("advantages", "value_grad_norm"):
+        theirs = {**ours, key: ours[key] * (1 + 1e-3)}
+        ok, lines = check_vs_torch(ours, theirs, tight=True)
+        assert not ok and lines[-1].endswith("FAIL") and f"{key}" in " ".join(lines)
+
+
+def test_bench_gpu_tiny_runs_every_section(capsys):
+    from scripts.bench_gpu import main
+
+    main(["--tiny", "--steps", "1", *PPO_ARGS])
+    out = capsys.readouterr().out
+    for name in ("(a) LoRA SFT step", "(b) decode", "(c) PPO step"):
+        row = next((line for line in out.splitlines() if line.startswith(f"| {name} |")), None)
+        assert row is not None and "FAILED" not in row, out
+    assert re.search(r"tokens/s", out) and re.search(r"of the HBM bound", out)
+    assert re.search(r"sampling [\d.]+ s \(\d+%\), scoring [\d.]+ s \(\d+%\), update [\d.]+ s", out), out
