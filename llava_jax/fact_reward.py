@@ -70,20 +70,21 @@ def shuffled_captions(captions: Sequence[str] | None, seed: Sequence[int]) -> li
 
 def reward_inputs(metas: Sequence[dict | None], query_ids: np.ndarray, query_mask: np.ndarray, responses: np.ndarray,
                   response_mask: np.ndarray, tokenizer: Any, prompt: RewardPrompt, *, with_facts: bool, template: str,
-                  seed: Sequence[int], pad_id: int, pad_multiple: int = 64, length: int = 0
+                  seed: Sequence[int], pad_id: int, pad_multiple: int = 64, length: int = 0, first_row: int = 0
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(ids [B, L], mask [B, L]) of the reward model's rating inputs, built from the ids as
     sampled: each row's query (left-padded [B, Q], in the reward tower's image layout), its
     response ([B, N] with its mask; it stopped when it holds EOS), then the rating text
     (`reward_prompt.reward_ids`). RIGHT padded to `length` (or to a multiple of
     `pad_multiple`: a few static shapes). Rows whose meta is None (padding rows) get a
-    one-token dummy."""
+    one-token dummy. Caption orders are drawn per (seed, global row): `first_row` is this
+    process's first row in the global batch, so the draws do not depend on the process count."""
     rows = []
     for i, meta in enumerate(metas):
         if meta is None:
             rows.append(np.asarray([pad_id], np.int32))
             continue
-        captions = shuffled_captions(meta.get("captions"), (*seed, i)) if with_facts else None
+        captions = shuffled_captions(meta.get("captions"), (*seed, first_row + i)) if with_facts else None
         response = responses[i][response_mask[i].astype(bool)]
         rows.append(reward_ids(query_ids[i][query_mask[i].astype(bool)], response,
                                bool(np.any(response == tokenizer.eos_id)), captions, tokenizer, prompt, template))

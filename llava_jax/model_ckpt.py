@@ -66,12 +66,18 @@ def _restore_tree(directory: str, expected: Any, what: str, dtype: Any = None, s
 
     def target(leaf, stored_leaf, sharding):
         out_dtype = jnp.dtype(dtype) if dtype is not None else stored_leaf.dtype
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return jax.ShapeDtypeStruct(leaf.shape, out_dtype, sharding=sharding)
 
     shard_tree = shardings if shardings is not None else jax.tree_util.tree_map(lambda _: None, expected)
     abstract = jax.tree_util.tree_map(target, expected, metadata.tree, shard_tree, is_leaf=lambda x: x is None)
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    if shardings is None and jax.process_count() > 1:
+        # Every host reads the whole tree into host memory; the caller places its own shards
+        # (run_setup.place). A device of one host could neither hold a big base nor be
+        # addressed by the other hosts.
+        restore_args = jax.tree_util.tree_map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype),
+                                              abstract)
     return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
 
 

@@ -69,7 +69,7 @@ def run_ppo(s: RunSettings) -> dict:
                          seed=s.seed, cut_ids=ppo_setup.question_mark_ids(tokenizer) if p.cut_at_question_mark else (),
                          recompute_logprobs=p.old_logprobs == "recompute")
     frozen_sh = ppo_setup.frozen_shardings(spec, frozen, mesh)
-    frozen = jax.device_put(frozen, frozen_sh)
+    frozen = run_setup.place(frozen, frozen_sh)
     state_shape = jax.eval_shape(lambda q: create_state(q, optimizer, jax.random.PRNGKey(s.seed)), params)
     state_sh = ppo_setup.state_shardings(spec, state_shape, mesh)
     ckpt = run_setup.open_checkpoints(s)
@@ -86,7 +86,8 @@ def run_ppo(s: RunSettings) -> dict:
     judge_captions = load_captions(os.path.join(s.eval.toy_dir, "captions.json")) if s.eval.toy_dir else None
 
     def derive(m: dict) -> dict:  # the update's mean metrics and the step's throughput, on the host
-        out = {k[len("sum_"):]: v / p.updates_per_step for k, v in m.items() if k.startswith("sum_")}
+        out = {k: v for k, v in m.items() if not k.startswith("sum_")}
+        out.update({k[len("sum_"):]: v / p.updates_per_step for k, v in m.items() if k.startswith("sum_")})
         out["update_seconds"] = m["step_seconds"] - m["rollout_seconds"] - m["score_seconds"]
         out["tokens_per_s"] = m["response_length"] * p.rollout_batch / m["step_seconds"]
         return out
@@ -132,11 +133,17 @@ def run_ppo(s: RunSettings) -> dict:
 
 def rollout_hallucination(samples: list[dict], captions: dict) -> float:
     """Share of the rollout's description answers (caption_type 1) that name a shape the
-    image lacks, by the toy judge (this process's rows)."""
-    from llava_jax.data.toy_judge import hallucination_rate
+    image lacks, by the toy judge, over every process's rows."""
+    from llava_jax.data.toy_judge import hallucinates, scene_objects
 
     rows = [s for s in samples if s["caption_type"] == 1 and s["image"] in captions]
-    return hallucination_rate([s["response"] for s in rows], [captions[s["image"]] for s in rows])
+    counts = np.asarray([sum(hallucinates(s["response"], scene_objects(captions[s["image"]])) for s in rows),
+                         len(rows)], np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(0)
+    return float(counts[0]) / max(int(counts[1]), 1)
 
 
 def evaluate_toy(s: RunSettings, spec: roles.PPOSpec, state: Any, frozen: dict, tokenizer: Any) -> dict:

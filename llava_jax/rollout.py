@@ -185,7 +185,7 @@ class Rollouts:
             host["input_ids"], host["attention_mask"])
         build = functools.partial(fact_reward.reward_inputs, metas, *query, tokens, mask, self.tokenizer, self.prompt,
                                   with_facts=rcfg.with_facts, template=rcfg.template, seed=seed,
-                                  pad_id=self.tokenizer.pad_id)
+                                  pad_id=self.tokenizer.pad_id, first_row=jax.process_index() * len(metas))
         reward_ids, reward_mask = build(pad_multiple=rcfg.pad_multiple)
         width = agree_width(reward_ids.shape[1])
         if width > reward_ids.shape[1]:
@@ -213,8 +213,7 @@ class Rollouts:
         chunks, samples = [], []
         for c, host in enumerate(batches):
             rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.rcfg.seed), step), c)
-            rollout, rows = self.chunk(frozen, params, host, rng, (self.rcfg.seed, step, c, jax.process_index()),
-                                       timings)
+            rollout, rows = self.chunk(frozen, params, host, rng, (self.rcfg.seed, step, c), timings)
             chunks.append(rollout)
             samples += rows
         begin = time.perf_counter()

@@ -111,6 +111,18 @@ def frozen_shardings(config: Any, frozen: dict, mesh: Any) -> dict:
     return sharding.shardings_for(frozen, pick(frozen, logical_axes(config)), mesh)
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """`tree` (host arrays, or arrays of this process's devices, the same on every process)
+    laid out by `shardings`, which may span several processes: each process puts only its
+    own shards on its devices (no cross-host transfer, no equality check per leaf)."""
+    def put(x, sh):
+        if sh.is_fully_addressable:
+            return jax.device_put(x, sh)
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sh, lambda index: host[index])
+    return jax.tree_util.tree_map(put, tree, shardings)
+
+
 def to_device(batch: dict, mesh: Any) -> dict:
     """Process-local host arrays -> global arrays sharded over (data, fsdp) on the batch axis."""
     return {key: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(value)),
@@ -207,7 +219,7 @@ class StepTail:
         metrics.update(on_host, step_seconds=on_host.get("step_seconds", now - self._ready_at))
         self._ready_at = now
         if self.derive is not None:
-            metrics.update(self.derive(metrics))
+            metrics = self.derive(metrics)
         if step % self.s.log.every == 0 or step == self.steps:
             self.writer.write(step, metrics)
         self.bar.update(step, loss=metrics.get(self.bar_loss), tokens_per_second=metrics.get("tokens_per_s"))

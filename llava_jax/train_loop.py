@@ -96,7 +96,7 @@ def run_train(s: RunSettings) -> dict:
     state_shape = jax.eval_shape(lambda p: create_state(p, optimizer, rng), params)
     state_sh = run_setup.state_shardings(state_shape, mesh, run_setup.params_logical(config, params))
     frozen_sh = run_setup.frozen_shardings(config, frozen, mesh)
-    frozen = jax.device_put(frozen, frozen_sh)
+    frozen = run_setup.place(frozen, frozen_sh)
     ckpt = run_setup.open_checkpoints(s)
     state, _, loader_state, latest = run_setup.init_or_restore(s, ckpt, params, optimizer, state_sh)
     if loader_state is not None:
@@ -109,8 +109,10 @@ def run_train(s: RunSettings) -> dict:
     if s.stage == "rm" and eval_loader is not None:
         eval_fn = jax.jit(functools.partial(_rm_eval_with_pairs, spec, s.rm.centering))
 
+    count_tokens = jax.jit(jnp.sum)
+
     def derive(metrics: dict) -> dict:  # host-side figures from the step's wall time
-        out = {"tokens_per_s": metrics["tokens"] / metrics["step_seconds"]}
+        out = {**metrics, "tokens_per_s": metrics["tokens"] / metrics["step_seconds"]}
         if peak:  # unknown on CPU
             flops = transformer_train_flops(llm_params, int(metrics["tokens"]), config.text.num_layers,
                                             config.text.hidden_size, int(metrics["seq_len"]),
@@ -122,10 +124,10 @@ def run_train(s: RunSettings) -> dict:
     tail = run_setup.StepTail(s, ckpt, steps=steps, start=start, desc=s.stage, bar_loss="loss", derive=derive)
     with jax.set_mesh(mesh), sharding.activation_rules():  # set_mesh: flax sees the mesh (activation constraints)
         for step in range(start + 1, steps + 1):
-            batch = run_setup.agree_length(next(loader), loader)
-            host = {"tokens": float(np.sum(batch["attention_mask"])) * jax.process_count(),
-                    "seq_len": float(batch["input_ids"].shape[-1])}
-            state, metrics = step_fn(state, frozen, run_setup.to_device(batch, mesh))
+            batch = run_setup.to_device(run_setup.agree_length(next(loader), loader), mesh)
+            host = {"seq_len": float(batch["input_ids"].shape[-1])}
+            state, metrics = step_fn(state, frozen, batch)
+            metrics = {**metrics, "tokens": count_tokens(batch["attention_mask"])}  # global, fetched a step late
             if eval_fn is not None and (step % s.rm.eval_every == 0 or step == steps):
                 host.update(evaluate(state, frozen, eval_loader, mesh, eval_fn))
             if tail.end_step(step, metrics, host, {"train": state, "extras": {}}, loader):

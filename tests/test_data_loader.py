@@ -169,3 +169,21 @@ def test_an_all_bad_dataset_stops_instead_of_spinning(tmp_path, tok):
     with pytest.raises(RuntimeError, match="no usable example"):
         next(loader)
     assert loader.report.skipped == {"missing_image": 6}
+
+
+@pytest.mark.parametrize("per_process", [4, 6])
+def test_two_processes_build_the_one_process_global_batch(data, tok, per_process):
+    """Process p holds the p-th block of each global batch: process 0's rows then process 1's
+    are the 1-process batch, row for row (what makes per-row draws, e.g. rollout samples,
+    independent of the process count). 40 records in global batches of 12: the tail of 4
+    short of a batch is dealt row by row."""
+    one = Loader(dataset(data, tok), 2 * per_process, seed=5, process_index=0, process_count=1).shard_order(0)
+    two = [Loader(dataset(data, tok), per_process, seed=5, process_index=p, process_count=2).shard_order(0)
+           for p in range(2)]
+    full = 40 // (2 * per_process)
+    for k in range(full):
+        rows = slice(k * per_process, (k + 1) * per_process)
+        assert two[0][rows].tolist() + two[1][rows].tolist() == one[2 * k * per_process:2 * (k + 1) * per_process].tolist()
+    tail = one[full * 2 * per_process:]
+    assert two[0][full * per_process:].tolist() == tail[0::2].tolist()
+    assert two[1][full * per_process:].tolist() == tail[1::2].tolist()

@@ -11,6 +11,7 @@ collective cannot hang the suite.
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -38,11 +39,11 @@ def _env(devices: int) -> dict:
     return env
 
 
-def _cmd(workdir, extra=()) -> list:
+def _cmd(workdir, steps: int = 3, extra=()) -> list:
     return [sys.executable, os.path.join(ROOT, "scripts", "train.py"),
             "--config", os.path.join(ROOT, "configs", "tiny_sft.py"), f"--config.workdir={workdir}",
-            "--config.train.max_steps=3", "--config.log.tensorboard=False", "--config.data.workers=0",
-            "--config.checkpoint.every=100", *extra]
+            f"--config.train.max_steps={steps}", "--config.log.tensorboard=False", "--config.data.workers=0",
+            "--config.checkpoint.every=100", "--config.data.num_buckets=1", *extra]
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -54,8 +55,9 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _run_all(runs: list, logdir) -> None:
-    """Runs `(cmd, env)` pairs concurrently; any failure or the timeout kills all and fails."""
+def _run_all(runs: list, logdir, on_poll=None) -> None:
+    """Runs `(cmd, env)` pairs concurrently; any failure or the timeout kills all and fails.
+    `on_poll(procs)` runs at every poll (e.g. to send a signal once something happened)."""
     os.makedirs(logdir, exist_ok=True)
     procs, logs, failed = [], [], []
     try:
@@ -73,7 +75,9 @@ def _run_all(runs: list, logdir) -> None:
             if time.monotonic() > deadline:
                 failed = [i for i, c in enumerate(codes) if c is None]
                 break
-            time.sleep(0.1)
+            if on_poll is not None:
+                on_poll(procs)
+            time.sleep(0.05)
     finally:
         for p in procs:
             _kill(p)
@@ -99,13 +103,102 @@ def _distributed(cmd: list, count: int = 2) -> list:
             for i in range(count)]
 
 
-def test_two_processes_match_one_process_with_two_devices(tmp_path):
-    # The 1-process (2 devices) run and the 2-process job run side by side.
-    _run_all([(_cmd(tmp_path / "single"), _env(2)), *_distributed(_cmd(tmp_path / "multi"))], tmp_path / "logs")
-    single, multi = _losses(tmp_path / "single"), _losses(tmp_path / "multi")
-    assert len(single) == 3 and len(multi) == 3
-    np.testing.assert_allclose(multi, single, rtol=0, atol=1e-5)
-    assert os.path.isdir(tmp_path / "multi" / "checkpoints" / "3")  # saved by both processes together
+def test_preempted_two_process_run_resumes_to_the_one_process_losses(tmp_path):
+    """The 2-process job and a 1-process, 2-device run side by side; SIGTERM reaches process 1
+    of the job only (a preempted host). Both processes agree on one step (JAX's preemption
+    service, via orbax), save it together and exit 0; the rerun resumes there, and every
+    step's loss equals the 1-process run's."""
+    steps, single, multi = 40, tmp_path / "single", tmp_path / "multi"
+    sent = []
+
+    def preempt_process_1(procs):
+        metrics = multi / "metrics.jsonl"
+        if not sent and metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            procs[2].send_signal(signal.SIGTERM)  # [single, job process 0, job process 1]
+            sent.append(True)
+
+    _run_all([(_cmd(single, steps), _env(2)), *_distributed(_cmd(multi, steps))], tmp_path / "logs",
+             on_poll=preempt_process_1)
+    assert sent, "the job finished before it could be preempted"
+    saved = []
+    for i in (1, 2):
+        text = (tmp_path / "logs" / f"process_{i}.log").read_text(errors="replace")
+        saved += [int(m) for m in re.findall(r"preemption: saved step (\d+)", text)]
+    assert len(saved) == 2 and saved[0] == saved[1] < steps, saved  # one step, both processes
+    assert os.path.isdir(multi / "checkpoints" / str(saved[0]))
+    assert len(_losses(multi)) == saved[0]  # logged up to the saved step, not beyond
+
+    _run_all(_distributed(_cmd(multi, steps)), tmp_path / "logs_resumed")
+    single_losses, multi_losses = _losses(single), _losses(multi)
+    assert len(single_losses) == len(multi_losses) == steps  # every step once
+    np.testing.assert_allclose(multi_losses, single_losses, rtol=0, atol=1e-5)
+
+
+def _stage_cmd(config: str, workdir, steps: int, *extra) -> list:
+    return [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config", os.path.join(ROOT, "configs", config),
+            f"--config.workdir={workdir}", f"--config.train.max_steps={steps}", "--config.requires=",
+            "--config.log.tensorboard=False", "--config.data.workers=0", "--config.data.num_buckets=1", *extra]
+
+
+def _records(workdir, drop=("seconds", "_per_s", "mfu")) -> list:
+    """metrics.jsonl without the wall-time figures."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if not any(d in k for d in drop)} for line in f]
+
+
+def _assert_same_records(multi: list, single: list, atol: float) -> None:
+    assert len(multi) == len(single) and [r.keys() for r in multi] == [r.keys() for r in single]
+    for m, s in zip(multi, single):
+        for key in s:
+            np.testing.assert_allclose(m[key], s[key], rtol=1e-5, atol=atol, err_msg=f"step {s['step']}: {key}")
+
+
+def test_rm_evaluation_on_two_processes_equals_one_process(tmp_path):
+    """Held-out RM metrics of the 2-process job equal the 1-process, 2-device run's: each
+    batch's global means weigh by its global count of pairs. 22 held-out pairs in global
+    batches of 4: the last batch holds 2 real pairs (1 per process, each padded)."""
+    extra = ("--config.model.init=tiny", "--config.train.batch_size=4", "--config.data.eval_size=22",
+             "--config.rm.eval_every=2", "--config.checkpoint.every=100")
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    _run_all([(_stage_cmd("tiny_rm.py", single, 2, *extra), _env(2)),
+              *_distributed(_stage_cmd("tiny_rm.py", multi, 2, *extra))], tmp_path / "logs")
+    single_rows, multi_rows = _records(single), _records(multi)
+    assert single_rows[-1]["eval_pairs"] == multi_rows[-1]["eval_pairs"] == 22
+    assert "eval_accuracy" in multi_rows[-1]
+    _assert_same_records(multi_rows, single_rows, atol=1e-5)
+
+
+def _random_ppo_world(root) -> tuple[str, str]:
+    """A random tiny base and a random reward adapter (LoRA + head) over it."""
+    import jax
+
+    from llava_jax import heads, lora as lora_lib
+    from llava_jax.model_ckpt import save_checkpoint, write_adapter_dir
+    from llava_jax.models.llava import init_params, tiny_config
+
+    config = tiny_config()
+    base = jax.device_get(init_params(config, jax.random.PRNGKey(3)))
+    save_checkpoint(os.path.join(root, "base"), config, base)
+    adapter = lora_lib.init_adapter(base, lora_lib.LoraConfig(rank=4, alpha=8.0), jax.random.PRNGKey(4))
+    write_adapter_dir(os.path.join(root, "reward"), adapter,
+                      heads.init_head("reward", config.text.hidden_size, jax.random.PRNGKey(5)), "reward")
+    return os.path.join(root, "base"), os.path.join(root, "reward")
+
+
+def test_ppo_steps_on_two_processes_equal_one_process(tmp_path):
+    """Two PPO steps (rollout, scoring, the reward model's inputs built on each host, updates)
+    of the 2-process job equal the 1-process, 2-device run's, metric for metric: each process
+    holds its block of the global batch, and per-row draws follow the global row."""
+    base, reward = _random_ppo_world(str(tmp_path))
+    extra = (f"--config.model.init={base}", f"--config.ppo.reward_adapter={reward}", "--config.eval.toy_dir=",
+             "--config.ppo.rollout_batch=8", "--config.ppo.step_batch=4", "--config.ppo.response_len=8",
+             "--config.checkpoint.every=100")
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    _run_all([(_stage_cmd("tiny_ppo.py", single, 2, *extra), _env(2)),
+              *_distributed(_stage_cmd("tiny_ppo.py", multi, 2, *extra))], tmp_path / "logs")
+    single_rows, multi_rows = _records(single), _records(multi)
+    assert len(single_rows) == 2 and single_rows[0]["response_length"] > 0
+    _assert_same_records(multi_rows, single_rows, atol=1e-4)
 
 
 # --- processes that bucket their own rows differently still build one global batch -------

@@ -1,8 +1,8 @@
 """A deterministic, resumable, per-process-sharded batch loader with parallel image decoding.
 
 Order: epoch e visits a permutation of the dataset drawn from (seed, e); process p of P takes
-every P-th index of it (`perm[p::P]`), cut to the same length on every process, so the P
-shards are disjoint and a step consumes the same number of indices everywhere. Examples are
+the p-th block of batch_size in every global batch (so the global batch is the 1-process
+run's, row for row), cut to the same length on every process, so the P shards are disjoint and a step consumes the same number of indices everywhere. Examples are
 built (image decode + tokenisation) by a thread pool a few batches ahead, but consumed
 strictly in order, so threading never changes the result. A bad example is skipped and the
 next one takes its place; batches run on across epoch boundaries (`num_epochs=None`: an
@@ -79,7 +79,13 @@ class Loader:
         if epoch not in self._orders:
             n, count = len(self.dataset), self.process_count
             perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            shard = perm[self.process_index::count]
+            # Process p takes the p-th block of batch_size in each global batch: the global batch
+            # (process 0's rows first) is then the batch a 1-process run draws, in its order,
+            # and so is everything derived per row (rollout samples, caption orders). The
+            # epoch's tail, short of a global batch, is dealt out row by row.
+            full = n // (count * self.batch_size) * count * self.batch_size
+            blocks = perm[:full].reshape(-1, count, self.batch_size)[:, self.process_index].reshape(-1)
+            shard = np.concatenate([blocks, perm[full:][self.process_index::count]])
             if self.drop_remainder or self.num_epochs is None:
                 shard = shard[:n // count]
             else:
