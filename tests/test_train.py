@@ -1,4 +1,4 @@
-"""Training driver: mesh invariance, SIGKILL + resume, loss goes down, config errors."""
+"""The SFT/RM loop: mesh invariance, SIGKILL at any point + rerun (each step logged once, the\nexport complete or absent, `requires` reruns what a kill left unexported), loss goes down,\nconfig errors."""
 import json
 import os
 import signal
@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 from configs.tiny_sft import get_config as tiny_sft
+from llava_jax.model_ckpt import load_checkpoint
+from llava_jax.settings import RunSettings
+from llava_jax.stages import run_requirements
 from ppo_helpers import run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,8 +84,33 @@ def test_sigkill_then_resume_reaches_the_same_losses(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     interrupted = _losses(killed)
     assert 4 <= len(interrupted) < steps
-    subprocess.run(_train_cmd(killed, steps), check=True, cwd=ROOT, env=env, capture_output=True)
-    assert _losses(killed) == full  # bit-identical on CPU
+    # Killed again as soon as the last checkpoint is on disk: before or during the export.
+    proc = subprocess.Popen(_train_cmd(killed, steps), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (killed / "checkpoints" / str(steps)).is_dir():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / str(steps)).is_dir()
+    if (killed / "model").exists():  # the export is atomic: complete or absent
+        load_checkpoint(str(killed / "model"))
+    # A stage that requires this run: the model is missing, or there, never half-written; the
+    # requirement reruns it when missing, which restores the last step and exports, training nothing.
+    config_file = tmp_path / "killed_config.py"
+    config_file.write_text(_config_source(killed, steps))
+    dependent = RunSettings.from_config(_cfg(tmp_path / "dependent", 1)).replace(requires=str(config_file))
+    run_requirements(dependent)
+    load_checkpoint(str(killed / "model"))
+    assert _losses(killed) == full  # every step once, bit-identical on CPU
+
+
+def _config_source(workdir, steps) -> str:
+    """A config file with _train_cmd's overrides (a required stage runs from its own file)."""
+    return (f"from configs.tiny_sft import get_config as tiny_sft\n\n\ndef get_config():\n"
+            f"    c = tiny_sft()\n    c.workdir, c.train.max_steps, c.checkpoint.every = {str(workdir)!r}, {steps}, 1\n"
+            f"    c.log.tensorboard, c.data.workers, c.data.num_buckets = False, 0, 1\n"
+            f"    c.optim.update({SCHEDULE!r})\n    return c\n")
 
 
 def test_bad_config_fails_before_device_work(tmp_path):
