@@ -207,7 +207,7 @@ class StepTail:
         self.pending: tuple[int, Any, dict] | None = None
         self.last: dict = {}
         self.preempted = False
-        self._ready_at = time.perf_counter()
+        self._last_end = time.perf_counter()
 
     def _flush(self) -> None:
         if self.pending is None:
@@ -215,9 +215,7 @@ class StepTail:
         step, on_device, on_host = self.pending
         self.pending = None
         metrics = {k: float(v) for k, v in jax.device_get(on_device).items()}
-        now = time.perf_counter()  # the step's results are ready: one step of wall time since the last ones
-        metrics.update(on_host, step_seconds=on_host.get("step_seconds", now - self._ready_at))
-        self._ready_at = now
+        metrics.update(on_host)
         if self.derive is not None:
             metrics = self.derive(metrics)
         if step % self.s.log.every == 0 or step == self.steps:
@@ -228,6 +226,9 @@ class StepTail:
     def end_step(self, step: int, on_device: dict, on_host: dict, save_tree: Any, loader: Any) -> bool:
         """Records step `step` (its metrics still on the device); checkpoints when due; True
         when the loop must stop (preemption, agreed by every process)."""
+        now = time.perf_counter()  # one loop iteration: the step's time once the device sets the pace
+        on_host = {"step_seconds": now - self._last_end, **on_host}
+        self._last_end = now
         self._flush()  # the previous step's metrics: computed long ago, no wait
         self.pending = (step, on_device, on_host)
         stop = self.ckpt.should_stop(step)

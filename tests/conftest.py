@@ -15,8 +15,9 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # Many tests run the same step with the same shapes in new jit closures (each driver run,
-# each subprocess): a per-session persistent compilation cache compiles each program once.
-_CACHE = tempfile.mkdtemp(prefix="llava_jax_xla_cache_")
+# each subprocess, each pytest-xdist worker): a per-session persistent compilation cache
+# compiles each program once. The workers inherit the cache of the process that starts them.
+_CACHE = os.environ.setdefault("LLAVA_JAX_TEST_XLA_CACHE", tempfile.mkdtemp(prefix="llava_jax_xla_cache_"))
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE  # inherited by the tests' subprocesses
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
