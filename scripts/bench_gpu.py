@@ -76,8 +76,9 @@ def model(tiny: bool, dtype: str, remat: str, attention: str) -> tuple:
     from scripts.bench_ppo import build_config
 
     config = build_config("tiny", None) if tiny else build_config("7b", None, vocab=32000)
-    config = config.with_runtime(dtype=dtype, param_dtype=dtype, remat_policy=remat, attention=attention)
-    return config, init_params(config, jax.random.PRNGKey(0))
+    config = config.with_runtime(dtype=dtype, param_dtype=dtype)
+    base = init_params(config, jax.random.PRNGKey(0))  # plain XLA attention here: the knobs are the sections'
+    return config.with_runtime(remat_policy=remat, attention=attention), base
 
 
 def llm_shape(config) -> str:
@@ -157,7 +158,7 @@ def bench_decode(config, base: dict, a: argparse.Namespace, bandwidth: float) ->
 
 
 def bench_ppo_step(config, base: dict, a: argparse.Namespace) -> Row:
-    from scripts.bench_ppo import PHASES, OursPPO, make_prompts, make_roles, minibatch_orders
+    from scripts.bench_ppo import PHASES, OursPPO, cut_ids, make_prompts, make_roles, minibatch_orders
 
     total_layers = config.text.num_layers
     layers = min(a.ppo_layers or total_layers, total_layers)
@@ -168,7 +169,8 @@ def bench_ppo_step(config, base: dict, a: argparse.Namespace) -> Row:
     config = config.with_runtime(remat_policy="none")
     base, adapters, head_of = make_roles(config, a.lora_rank, base=base)
     rating = np.random.RandomState(1).randint(3, config.text.vocab_size - 1, size=48).astype(np.int32)
-    ours = OursPPO(config, base, adapters, head_of, response_len=a.response_len, dtype=a.dtype, rating_ids=rating)
+    ours = OursPPO(config, base, adapters, head_of, response_len=a.response_len, dtype=a.dtype, rating_ids=rating,
+                   cut_ids=cut_ids("", config))
     prompts = make_prompts(config, a.rollout_batch, a.text_len)
     epochs = ours.cfg.ppo.ppo_epochs
     begin = time.perf_counter()

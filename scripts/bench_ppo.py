@@ -41,6 +41,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch too
+# torch's OpenMP threads spin while they wait: on a shared (oversubscribed) CPU that made its
+# steps up to 100x slower in our runs (the spinning thread holds the core its partner needs).
+# Passive waiting (set before torch loads) keeps the comparison about the work.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -218,6 +222,13 @@ def reward_inputs(rollout: dict, rating_ids: np.ndarray, multiple: int) -> tuple
     return ids, mask
 
 
+def cut_ids(text: str, config) -> tuple[int, ...]:
+    """The ids standing for LLaMA's two '?' tokens (1577, 29973) the original cuts responses at:
+    `text` (comma-separated) or, when empty, the two ids below the placeholder."""
+    vocab = config.text.vocab_size
+    return tuple(int(t) for t in text.split(",") if t.strip()) if text else (vocab - 3, vocab - 2)
+
+
 def minibatch_orders(seed: int, round_: int, epochs: int, rows: int) -> list[np.ndarray]:
     return [np.random.default_rng((seed, round_, e)).permutation(rows) for e in range(epochs)]
 
@@ -245,7 +256,7 @@ class OursPPO:
     """Our PPO step from the library pieces, one jitted pass per piece as the driver runs them."""
 
     def __init__(self, config, base: dict, adapters: dict, head_of: dict, *, response_len: int, dtype: str,
-                 lr: float = 3e-5, rating_ids: np.ndarray, seed: int = 0):
+                 lr: float = 3e-5, rating_ids: np.ndarray, cut_ids: tuple[int, ...] = (), seed: int = 0):
         from llava_jax import ppo, roles, rollout, trainable
         from llava_jax.sampling import SamplingConfig
         from llava_jax.optim import make_optimizer
@@ -268,7 +279,8 @@ class OursPPO:
                   "value_head": f32(head_of["value"])}
         self.state = create_state(params, optimizer, jax.random.PRNGKey(seed))
         self.rating_ids, self.multiple = rating_ids, self.cfg.ppo.reward_pad_multiple
-        self._generate = jax.jit(functools.partial(rollout.generate_responses, spec, sampling, ()))
+        cut_ids = cut_ids if self.cfg.ppo.cut_at_question_mark else ()
+        self._generate = jax.jit(functools.partial(rollout.generate_responses, spec, sampling, cut_ids))
         self._score = jax.jit(functools.partial(rollout.score_responses, spec, False))  # values: recompute_old
         self._recompute = jax.jit(functools.partial(rollout.recompute_old, spec))
         self._finish = jax.jit(functools.partial(rollout.finish_rollout, self.hyper, weights, response_len, EOS))
@@ -285,6 +297,7 @@ class OursPPO:
         generated = jax.block_until_ready(self._generate(self.frozen, params, batch, jax.random.PRNGKey(seed)))
         times["sampling"] = time.perf_counter() - begin
         begin = time.perf_counter()
+        self.last_length = float(np.asarray(generated["response_mask"]).sum(1).mean())
         host = {**prompts, "response": np.asarray(generated["response"]),
                 "response_mask": np.asarray(generated["response_mask"])}
         ids, mask = reward_inputs(host, self.rating_ids, self.multiple)
@@ -342,6 +355,9 @@ def check_vs_torch(ours: dict, theirs: dict, tight: bool) -> tuple[bool, list[st
     ok, parts = True, []
     for key in CHECKED:
         mine, other = np.asarray(ours[key], np.float64), np.asarray(theirs[key], np.float64)
+        if key in ("logprobs", "ref_logprobs"):  # a pad's log-prob is a convention (0 there, any value here)
+            valid = np.asarray(ours["response_mask"], bool)
+            mine, other = mine[valid], other[valid]
         good = bool(np.all(np.abs(mine - other) <= atol + rtol * np.abs(other)))
         ok &= good
         scalar = f" {float(mine):.7g} vs {float(other):.7g}" if mine.ndim == 0 else ""
@@ -362,10 +378,11 @@ def vs_hf_main(a: argparse.Namespace) -> bool:
     rating_ids = np.random.RandomState(1).randint(3, config.text.vocab_size - 1, size=a.rating_len).astype(np.int32)
     prompts = make_prompts(config, a.rollout_batch, a.text_len)
     base, adapters, head_of = make_roles(config, a.lora_rank)
+    cuts = cut_ids(a.cut_ids, config)
     ours = OursPPO(config, base, adapters, head_of, response_len=a.response_len, dtype=a.dtype, lr=a.lr,
-                   rating_ids=rating_ids)
+                   rating_ids=rating_ids, cut_ids=cuts)
     hyper = TorchPPOHyper.from_config(ours.cfg, a.response_len, a.lr, eos_id=EOS, pad_id=PAD,
-                                      suppress_ids=(config.image_token_index,))
+                                      suppress_ids=(config.image_token_index,), cut_ids=cuts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as root:
         hf_dir, dirs = export_world(root, config, base, adapters, head_of)
@@ -377,6 +394,7 @@ def vs_hf_main(a: argparse.Namespace) -> bool:
     # Warm-up round (ours compiles): the rollout, the check on it before either side trains, the update.
     times: dict = {}
     rollout = ours.rollout(prompts, 0, times)
+    first_length = ours.last_length
     first_rows = orders(0)[0][:a.step_batch]
     mine = {**{k: np.asarray(v) for k, v in rollout.items()}, **ours.grad_norms(rollout, first_rows)}
     first = ours.update(rollout, orders(0), a.step_batch, times)[0]
@@ -386,14 +404,17 @@ def vs_hf_main(a: argparse.Namespace) -> bool:
     theirs.update(reference.loss_and_grads({k: v[first_rows] for k, v in shared.items()}))
     reference.optimizer.zero_grad(set_to_none=True)
     ok, check = check_vs_torch(mine, theirs, tight=a.dtype == "float32" and jax.devices()[0].platform == "cpu")
-    warm = {"ours": sum(times.values())}
-    begin = time.perf_counter()
-    reference.step(prompts, 0, reward_fn, orders(0), a.step_batch)
-    warm["hf"] = time.perf_counter() - begin
+    warm = {"ours": times, "hf": reference.step(prompts, 0, reward_fn, orders(0), a.step_batch)}
     rounds: dict[str, list[dict]] = {"ours": [], "hf": []}
+    lengths: dict[str, list[float]] = {"ours": [], "hf": []}
     for r in range(1, a.rounds + 1):  # alternating: a shared machine's load hits both alike
         rounds["ours"].append(ours.step(prompts, r, orders(r), a.step_batch)[0])
         rounds["hf"].append(reference.step(prompts, r, reward_fn, orders(r), a.step_batch))
+        lengths["ours"].append(ours.last_length)
+        lengths["hf"].append(reference.last_length)
+    check.insert(0, "rounds, s (mean response tokens): " + "; ".join(
+        f"{side} " + ", ".join(f"{sum(t.values()):.3f} ({n:.1f})" for t, n in zip(rounds[side], lengths[side]))
+        for side in rounds) + f"; the first rollout: {first_length:.1f} tokens")
     print_table(a, config, device, epochs, rounds, warm, check)
     return ok
 
@@ -409,7 +430,8 @@ def print_table(a: argparse.Namespace, config, device: str, epochs: int, rounds:
              "update": f"update ({epochs} epochs x {a.rollout_batch // a.step_batch} minibatches = {updates} steps)",
              "total": "PPO step"}
     print(f"\nours: jax on {jax.devices()[0].device_kind}; hf: torch {device} (transformers + peft, the original's "
-          f"way); {describe(config)}; rollout_batch={a.rollout_batch} step_batch={a.step_batch} "
+          f"way; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}); {describe(config)}; "
+          f"rollout_batch={a.rollout_batch} step_batch={a.step_batch} "
           f"response_len={a.response_len} query={a.text_len + 1 + config.num_image_tokens} tokens lora_rank="
           f"{a.lora_rank} dtype={a.dtype}; median of {a.rounds} alternating rounds after a warm-up round")
     print("| phase | ours s | hf s | hf/ours (> 1: ours faster) |")
@@ -417,7 +439,9 @@ def print_table(a: argparse.Namespace, config, device: str, epochs: int, rounds:
     for key in (*PHASES, "total"):
         print(f"| {names[key]} | {med['ours'][key]:.3f} | {med['hf'][key]:.3f} | "
               f"{med['hf'][key] / med['ours'][key]:.2f}x |")
-    print(f"warm-up round: ours {warm['ours']:.1f} s (with compilation), hf {warm['hf']:.1f} s")
+    print("warm-up round (ours compiles): " + "; ".join(
+        f"{side} {sum(t.values()):.1f} s (" + ", ".join(f"{k} {t[k]:.1f}" for k in PHASES) + ")"
+        for side, t in warm.items()))
     print("\n".join(check))
     print(f"ppo step ours/hf: {med['hf']['total'] / med['ours']['total']:.2f}x")
 
@@ -440,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-len", type=int, default=16, help="--vs-hf: text tokens per query (+ BOS and image)")
     p.add_argument("--rating-len", type=int, default=48, help="--vs-hf: tokens of the RM's rating prompt")
     p.add_argument("--lr", type=float, default=3e-5, help="--vs-hf: constant learning rate")
+    p.add_argument("--cut-ids", default="", help="--vs-hf: comma-separated ids standing for the original's '?' "
+                   "cut (default: vocab - 3, vocab - 2)")
     a = p.parse_args(argv)
     if a.rollout_batch % a.step_batch:
         raise SystemExit(f"--rollout-batch {a.rollout_batch} must be a multiple of --step-batch {a.step_batch}")

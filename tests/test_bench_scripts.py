@@ -9,13 +9,18 @@ import numpy as np
 
 # bench_ppo's tiny --vs-hf shapes; bench_gpu --tiny runs its PPO section at the same ones.
 PPO_ARGS = ["--rollout-batch", "4", "--step-batch", "2", "--response-len", "8"]
+# The original's '?' cut with a fifth of the vocabulary as '?': most responses end early, so
+# the check sees pad positions (their values enter the value loss, their log-probs must not count).
+CUT_ARGS = ["--cut-ids", ",".join(str(i) for i in range(3, 103))]
 
 
 def test_bench_ppo_vs_hf_agrees_and_prints_the_ratio(capsys):
     from scripts.bench_ppo import main
 
-    main(["--vs-hf", *PPO_ARGS, "--rounds", "1"])  # exits 1 when the check fails
+    main(["--vs-hf", *PPO_ARGS, *CUT_ARGS, "--rounds", "1"])  # exits 1 when the check fails
     out = capsys.readouterr().out
+    first = float(re.search(r"the first rollout: ([\d.]+) tokens", out).group(1))
+    assert first < 7.0, out  # pads in the checked rollout
     assert "check (rtol 0.0001, atol 0.0001): PASS" in out, out
     assert "FAIL" not in out, out
     for phase in ("| sampling", "| scoring", "| update", "| PPO step"):
@@ -27,11 +32,16 @@ def test_bench_ppo_check_fails_on_a_difference():
     from scripts.bench_ppo import CHECKED, check_vs_torch
 
     ours = {k: np.linspace(-1.0, 1.0, 6) if k in ("values", "advantages") else np.float64(1.5) for k in CHECKED}
+    ours["logprobs"] = ours["ref_logprobs"] = np.linspace(-3.0, -1.0, 6)
+    ours["response_mask"] = np.arange(6) < 4
     assert check_vs_torch(ours, dict(ours), tight=True)[0]
-    for key in ("advantages", "value_grad_norm"):
+    for key in ("advantages", "value_grad_norm", "ref_logprobs"):
         theirs = {**ours, key: ours[key] * (1 + 1e-3)}
         ok, lines = check_vs_torch(ours, theirs, tight=True)
         assert not ok and lines[-1].endswith("FAIL") and f"{key}" in " ".join(lines)
+    # a pad's log-prob is a convention (0 in the original, anything in ours): not compared
+    theirs = {**ours, "ref_logprobs": np.where(ours["response_mask"], ours["ref_logprobs"], 0.0)}
+    assert check_vs_torch(ours, theirs, tight=True)[0]
 
 
 def test_bench_gpu_tiny_runs_every_section(capsys):

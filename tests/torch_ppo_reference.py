@@ -57,6 +57,7 @@ class TorchPPOHyper:
     eos_id: int = 2
     pad_id: int = 0
     suppress_ids: tuple[int, ...] = ()  # ids the sampler must never emit (the image placeholder)
+    cut_ids: tuple[int, ...] = ()  # the original's '?' ids: a response ends at the last listed one it holds
 
     @classmethod
     def from_config(cls, cfg, response_len: int, lr: float, **ids) -> "TorchPPOHyper":
@@ -71,7 +72,8 @@ class TorchPPOHyper:
                    gamma=p.gamma, lam=p.lam, clip=p.clip, value_clip=p.value_clip, vf_coef=p.vf_coef,
                    rm_weight=p.rm_weight, correct_bonus=p.correct_bonus, length_bonus=p.length_bonus,
                    no_stop_penalty=p.no_stop_penalty, lr=lr, betas=(o.b1, o.b2), eps=o.eps,
-                   weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, **ids)
+                   weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
+                   **{**ids, "cut_ids": tuple(ids.get("cut_ids", ())) if p.cut_at_question_mark else ()})
 
 
 def whiten(x: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
@@ -174,7 +176,7 @@ class TorchPPO:
     # --- rollout -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: dict, seed: int) -> dict:
-        """Sampled responses [B, N] right padded, and their mask (up to and including the first EOS)."""
+        """Sampled responses [B, N] right padded, cut as the original cuts them, and their mask."""
         h = self.hyper
         torch.manual_seed(seed)
         self.model.set_adapter("policy")
@@ -189,10 +191,16 @@ class TorchPPO:
         tokens = np.full((ids.shape[0], h.response_len), h.pad_id, np.int64)
         sampled = out[:, ids.shape[1]:].cpu().numpy()
         tokens[:, :sampled.shape[1]] = sampled
-        mask = np.zeros(tokens.shape, bool)
-        mask[:, :sampled.shape[1]] = True
-        is_eos = tokens == h.eos_id
-        mask &= (np.cumsum(is_eos, axis=1) - is_eos) == 0  # keep the first EOS, drop what follows
+        valid = np.arange(h.response_len)[None] < sampled.shape[1]
+        # truncate_after_eos_with_padding with the additional tokens: the first EOS, overridden
+        # by the first occurrence of each cut id in turn.
+        is_eos = (tokens == h.eos_id) & valid
+        end = np.where(is_eos.any(1), is_eos.argmax(1), valid.sum(1) - 1)
+        for token in h.cut_ids:
+            hit = (tokens == token) & valid
+            end = np.where(hit.any(1), hit.argmax(1), end)
+        mask = valid & (np.arange(h.response_len)[None] <= end[:, None])
+        self.last_length = float(mask.sum(1).mean())
         return {"response": np.where(mask, tokens, h.pad_id), "response_mask": mask}
 
     def score(self, rollout: dict) -> torch.Tensor:
