@@ -317,6 +317,12 @@ def _validate_ppo(s: RunSettings, procs: int) -> None:
     if s.train.lora_dropout:
         raise ValueError(f"config.train.lora_dropout={s.train.lora_dropout}: PPO runs its adapters without "
                          "dropout (the rollout's log-probs and the update must see one policy); set it to 0")
+    if s.train.grad_accum != 1:
+        raise ValueError(f"config.train.grad_accum={s.train.grad_accum}: PPO splits its minibatches by "
+                         "ppo.grad_accum; set that instead")
+    if s.data.eval_size:
+        raise ValueError(f"config.data.eval_size={s.data.eval_size}: PPO holds no prompts out (its held-out "
+                         "evaluation is eval.toy_dir or scripts/generate.py); set it to 0")
     if p.rollout_batch % p.step_batch or p.step_batch % (p.grad_accum * procs):
         raise ValueError(f"config.ppo: rollout_batch={p.rollout_batch} must be a multiple of step_batch="
                          f"{p.step_batch}, itself a multiple of grad_accum={p.grad_accum} x {procs} processes")

@@ -173,8 +173,14 @@ def test_rerun_of_a_finished_run_exports_without_training(world, reference_run, 
         assert (workdir / name).is_dir(), name
 
 
-def test_lora_dropout_is_rejected_not_ignored(world, tmp_path):
+def test_settings_ppo_cannot_honour_are_rejected(world, tmp_path):
     cfg = ppo_config(tmp_path / "dropout", *world, steps=1)
     cfg.train.lora_dropout = 0.1
     with pytest.raises(ValueError, match=r"config.train.lora_dropout=0.1: PPO runs its adapters without dropout"):
+        run_config(cfg)
+    cfg.train.lora_dropout, cfg.train.grad_accum = 0.0, 2
+    with pytest.raises(ValueError, match=r"config.train.grad_accum=2: PPO splits its minibatches by ppo.grad_accum"):
+        run_config(cfg)
+    cfg.train.grad_accum, cfg.data.eval_size = 1, 10
+    with pytest.raises(ValueError, match=r"config.data.eval_size=10: PPO holds no prompts out"):
         run_config(cfg)

@@ -113,7 +113,7 @@ def _config_source(workdir, steps) -> str:
             f"    c.optim.update({SCHEDULE!r})\n    return c\n")
 
 
-def test_bad_config_fails_before_device_work(tmp_path):
+def test_bad_config_fails_before_device_work(tmp_path, capsys):
     cfg = _cfg(tmp_path, 1)
     cfg.stage = "dpo"
     with pytest.raises(ValueError, match="config.stage='dpo'"):
@@ -131,6 +131,13 @@ def test_bad_config_fails_before_device_work(tmp_path):
     cfg.data.train = "nope.json"
     with pytest.raises(ValueError, match="config.data.train='nope.json' does not exist"):
         run_config(cfg)
+    # A required stage runs from its own file and says which overrides it does not take.
+    config_file = tmp_path / "required.py"
+    config_file.write_text(_config_source(tmp_path / "required", 1))
+    dependent = RunSettings.from_config(_cfg(tmp_path / "dependent", 1)).replace(requires=str(config_file))
+    run_requirements(dependent, overrides=["--config.optim.learning_rate=0.5"])
+    assert (f"requirement {config_file} runs from its own file: it does not take the overrides "
+            "--config.optim.learning_rate=0.5") in capsys.readouterr().out
     # A mistyped override: one line naming it and the closest fields, no traceback.
     result = subprocess.run(_train_cmd(tmp_path / "w", 1) + ["--config.train.batch_sise=3"], cwd=ROOT,
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
