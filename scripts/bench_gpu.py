@@ -14,7 +14,7 @@
     the fraction of the HBM-bandwidth bound: per step the LLM weights plus the valid KV
     cache (prompt + tokens so far) must be read once; bound = those bytes / the device's
     measured bandwidth (the best of a few large on-device read+write passes).
-(c) ppo: one PPO step (our library pieces, as scripts/bench_ppo.py) on a 7B-shaped policy
+(c) ppo: one PPO step (our library pieces: scripts/bench_ppo_world.py) on a 7B-shaped policy
     with --ppo-layers of its 32 layers (printed) to fit the time, four roles over one base:
     seconds per phase (sampling, scoring, update). The first step compiles; the table shows
     the next one.
@@ -73,7 +73,7 @@ def measured_bandwidth(nbytes: int, reps: int = 5) -> float:
 def model(tiny: bool, dtype: str, remat: str, attention: str) -> tuple:
     """(config, base) of the 7B-shaped LLaVA (tiny: tiny_config) with random weights in `dtype`."""
     from llava_jax.models.llava import init_params
-    from scripts.bench_ppo import build_config
+    from scripts.bench_ppo_world import build_config
 
     config = build_config("tiny", None) if tiny else build_config("7b", None, vocab=32000)
     config = config.with_runtime(dtype=dtype, param_dtype=dtype)
@@ -124,7 +124,7 @@ def decode_bytes(config, base: dict, batch: int, prompt: int, new_tokens: int, c
 
 def bench_decode(config, base: dict, a: argparse.Namespace, bandwidth: float) -> Row:
     from llava_jax.sampling import SamplingConfig, generate_fn
-    from scripts.bench_ppo import make_prompts
+    from scripts.bench_ppo_world import make_prompts
 
     prompts = make_prompts(config, a.decode_batch, a.text_len)
     ids, mask, pixels = (jnp.asarray(prompts[k]) for k in ("query_ids", "query_mask", "pixel_values"))
@@ -158,7 +158,7 @@ def bench_decode(config, base: dict, a: argparse.Namespace, bandwidth: float) ->
 
 
 def bench_ppo_step(config, base: dict, a: argparse.Namespace) -> Row:
-    from scripts.bench_ppo import PHASES, OursPPO, cut_ids, make_prompts, make_roles, minibatch_orders
+    from scripts.bench_ppo_world import PHASES, OursPPO, cut_ids, make_prompts, make_roles, minibatch_orders
 
     total_layers = config.text.num_layers
     layers = min(a.ppo_layers or total_layers, total_layers)
