@@ -43,7 +43,6 @@ SECTIONS = ("train", "decode", "ppo")
 # Full and tiny defaults: seq/batch of the train step, decode batch/new tokens/text tokens, PPO shapes.
 FULL = dict(seq=2048, batch=4, steps=5, decode_batch=64, new_tokens=512, text_len=32, ppo_layers=8,
             rollout_batch=32, step_batch=16, response_len=128, lora_rank=64, bandwidth_bytes=4 << 30)
-# Tiny PPO shapes are bench_ppo's --vs-hf test's: in one pytest session the compiled programs are reused.
 TINY = dict(seq=64, batch=2, steps=2, decode_batch=4, new_tokens=16, text_len=16, ppo_layers=None,
             rollout_batch=4, step_batch=2, response_len=8, lora_rank=8, bandwidth_bytes=64 << 20)
 
@@ -81,6 +80,10 @@ def model(tiny: bool, dtype: str, remat: str, attention: str) -> tuple:
     return config.with_runtime(remat_policy=remat, attention=attention), base
 
 
+def secs(x: float) -> str:
+    return f"{x:.2f} s" if x >= 0.1 else f"{x * 1e3:.1f} ms"
+
+
 def llm_shape(config) -> str:
     t = config.text
     return f"{t.num_layers} layers x {t.hidden_size}, vocab {t.vocab_size}, {config.num_image_tokens} image tokens"
@@ -100,14 +103,15 @@ def bench_train(config, base: dict, a: argparse.Namespace, peak: float | None) -
         begin = time.perf_counter()
         step()
         times.append(time.perf_counter() - begin)
-    secs = statistics.median(times)
+    step_s = statistics.median(times)
     flops = step_flops("lora", config, base, a.batch, a.seq)
-    mfu = f"MFU {flops / secs / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else "MFU n/a (no peak for this device)"
+    mfu = (f"MFU {flops / step_s / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak
+           else "MFU n/a (no peak for this device)")
     t = config.text
     return Row("(a) LoRA SFT step", f"{llm_shape(config)}; batch {a.batch} x seq {a.seq}, {a.dtype}, LoRA r="
                f"{a.lora_rank}, remat {t.remat_policy}, attention {t.attention}",
-               f"{secs:.3f} s/step (median of {a.steps}), {a.batch * a.seq / secs:,.0f} tokens/s, "
-               f"{flops / secs / 1e12:.1f} TFLOP/s", mfu, warm)
+               f"{secs(step_s)}/step (median of {a.steps}), {a.batch * a.seq / step_s:,.0f} tokens/s, "
+               f"{flops / step_s / 1e12:.3g} TFLOP/s", mfu, warm)
 
 
 def decode_bytes(config, base: dict, batch: int, prompt: int, new_tokens: int, cache_bytes: int) -> float:
@@ -151,10 +155,10 @@ def bench_decode(config, base: dict, a: argparse.Namespace, bandwidth: float) ->
     bound = need / bandwidth
     return Row("(b) decode", f"{llm_shape(config)}; batch {a.decode_batch}, prompt {ids.shape[1]} tokens, "
                f"{a.new_tokens} new tokens (greedy, no stop), {a.dtype} weights and KV cache",
-               f"{a.decode_batch * steps / decode:,.0f} tokens/s over the decode steps ({decode:.2f} s; whole call "
-               f"{total:.2f} s with prefill {prefill:.2f} s)",
-               f"{bound / decode:.0%} of the HBM bound ({need / steps / 1e9:.2f} GB/step at "
-               f"{bandwidth / 1e12:.2f} TB/s measured)", warm + warm1)
+               f"{a.decode_batch * steps / decode:,.0f} tokens/s over the decode steps ({secs(decode)}; whole call "
+               f"{secs(total)} with prefill {secs(prefill)})",
+               f"{bound / decode:.0%} of the HBM bound ({need / steps / 1e9:.3g} GB/step at {bandwidth / 1e12:.3g} "
+               f"TB/s measured){' (tiny: cache-resident, not meaningful)' if a.tiny else ''}", warm + warm1)
 
 
 def bench_ppo_step(config, base: dict, a: argparse.Namespace) -> Row:
@@ -178,11 +182,11 @@ def bench_ppo_step(config, base: dict, a: argparse.Namespace) -> Row:
     warm = time.perf_counter() - begin
     times = ours.step(prompts, 1, minibatch_orders(0, 1, epochs, a.rollout_batch), a.step_batch)[0]
     total = sum(times.values())
-    split = ", ".join(f"{k} {times[k]:.2f} s ({times[k] / total:.0%})" for k in PHASES)
+    split = ", ".join(f"{k} {secs(times[k])} ({times[k] / total:.0%})" for k in PHASES)
     updates = epochs * (a.rollout_batch // a.step_batch)
     return Row("(c) PPO step", f"{llm_shape(config)} ({layers} of {total_layers} layers); rollout {a.rollout_batch}, "
                f"{updates} updates of {a.step_batch}, response {a.response_len}, {a.dtype}, LoRA r={a.lora_rank}",
-               f"{total:.2f} s: {split}", "", warm)
+               f"{secs(total)}: {split}", "", warm)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
