@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 import traceback
+from typing import TYPE_CHECKING, Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # one jax process: most of the HBM
@@ -38,6 +39,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # one jax proces
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    from llava_jax.models.llava import LlavaConfig
 
 SECTIONS = ("train", "decode", "ppo")
 # Full and tiny defaults: seq/batch of the train step, decode batch/new tokens/text tokens, PPO shapes.
@@ -69,7 +73,7 @@ def measured_bandwidth(nbytes: int, reps: int = 5) -> float:
     return 2 * x.size * 4 / best
 
 
-def model(tiny: bool, dtype: str, remat: str, attention: str) -> tuple:
+def model(tiny: bool, dtype: str, remat: str, attention: str) -> tuple[LlavaConfig, dict]:
     """(config, base) of the 7B-shaped LLaVA (tiny: tiny_config) with random weights in `dtype`."""
     from llava_jax.models.llava import init_params
     from scripts.bench_ppo_world import build_config
@@ -84,12 +88,12 @@ def secs(x: float) -> str:
     return f"{x:.2f} s" if x >= 0.1 else f"{x * 1e3:.1f} ms"
 
 
-def llm_shape(config) -> str:
+def llm_shape(config: LlavaConfig) -> str:
     t = config.text
     return f"{t.num_layers} layers x {t.hidden_size}, vocab {t.vocab_size}, {config.num_image_tokens} image tokens"
 
 
-def bench_train(config, base: dict, a: argparse.Namespace, peak: float | None) -> Row:
+def bench_train(config: LlavaConfig, base: dict, a: argparse.Namespace, peak: float | None) -> Row:
     from scripts.bench_train import make_batch, ours_step_fn, step_flops
 
     batch = make_batch(a.batch, a.seq, config.text.vocab_size, config.num_image_tokens, config.image_token_index,
@@ -114,7 +118,8 @@ def bench_train(config, base: dict, a: argparse.Namespace, peak: float | None) -
                f"{flops / step_s / 1e12:.3g} TFLOP/s", mfu, warm)
 
 
-def decode_bytes(config, base: dict, batch: int, prompt: int, new_tokens: int, cache_bytes: int) -> float:
+def decode_bytes(config: LlavaConfig, base: dict, batch: int, prompt: int, new_tokens: int,
+                 cache_bytes: int) -> float:
     """Bytes every decode step must read, summed over the steps: the LLM weights (not the
     embedding table: a lookup reads B rows) and the valid KV cache (prompt + tokens so far)."""
     llm = base["llm"]
@@ -126,7 +131,7 @@ def decode_bytes(config, base: dict, batch: int, prompt: int, new_tokens: int, c
     return float(weights) * new_tokens + float(per_position) * context
 
 
-def bench_decode(config, base: dict, a: argparse.Namespace, bandwidth: float) -> Row:
+def bench_decode(config: LlavaConfig, base: dict, a: argparse.Namespace, bandwidth: float) -> Row:
     from llava_jax.sampling import SamplingConfig, generate_fn
     from scripts.bench_ppo_world import make_prompts
 
@@ -161,7 +166,7 @@ def bench_decode(config, base: dict, a: argparse.Namespace, bandwidth: float) ->
                f"TB/s measured){' (tiny: cache-resident, not meaningful)' if a.tiny else ''}", warm + warm1)
 
 
-def bench_ppo_step(config, base: dict, a: argparse.Namespace) -> Row:
+def bench_ppo_step(config: LlavaConfig, base: dict, a: argparse.Namespace) -> Row:
     from scripts.bench_ppo_world import PHASES, OursPPO, cut_ids, make_prompts, make_roles, minibatch_orders
 
     total_layers = config.text.num_layers
@@ -212,7 +217,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def run_section(name: str, fn, *args) -> Row:
+def run_section(name: str, fn: Callable[..., Row], *args: Any) -> Row:
     begin = time.perf_counter()
     print(f"[{name}] running ...", file=sys.stderr, flush=True)
     try:

@@ -37,6 +37,7 @@ import os
 import statistics
 import sys
 import tempfile
+from typing import TYPE_CHECKING, Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -49,9 +50,12 @@ from scripts.bench_ppo_world import (EOS, MODELS, PAD, PHASES, OursPPO, build_co
                                      describe, export_world, make_prompts, make_roles, minibatch_orders,
                                      reward_inputs)
 
+if TYPE_CHECKING:
+    from llava_jax.models.llava import LlavaConfig
+
 
 # --- default mode: the PPO driver ------------------------------------------------------------------------------
-def make_world(root: str, config, rank: int) -> tuple[str, str]:
+def make_world(root: str, config: LlavaConfig, rank: int) -> tuple[str, str]:
     from llava_jax import heads, lora as lora_lib
     from llava_jax.model_ckpt import save_checkpoint, write_adapter_dir
     from llava_jax.models.llava import init_params
@@ -64,7 +68,7 @@ def make_world(root: str, config, rank: int) -> tuple[str, str]:
     return os.path.join(root, "base"), os.path.join(root, "reward")
 
 
-def run_driver(cfg) -> None:
+def run_driver(cfg: Any) -> None:
     """The one call into the PPO driver (its module has moved once: ppo_trainer -> ppo_loop)."""
     try:
         from llava_jax.ppo_loop import run_ppo
@@ -200,8 +204,8 @@ def vs_hf_main(a: argparse.Namespace) -> bool:
     return ok
 
 
-def print_table(a: argparse.Namespace, config, device: str, epochs: int, rounds: dict, warm: dict,
-                check: list[str]) -> None:
+def print_table(a: argparse.Namespace, config: LlavaConfig, device: str, epochs: int, rounds: dict,
+                warm: dict, check: list[str]) -> None:
     import torch
 
     med = {side: {k: statistics.median(t[k] for t in rows) for k in PHASES} for side, rows in rounds.items()}

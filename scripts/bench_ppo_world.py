@@ -14,10 +14,15 @@ import dataclasses
 import functools
 import os
 import time
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    from llava_jax.lora import Adapter, LoraConfig
+    from llava_jax.models.llava import LlavaConfig
 
 MODELS = {  # name: (layers, hidden, intermediate, heads, image size)
     "tiny": None,  # tiny_config()
@@ -28,7 +33,7 @@ PAD, BOS, EOS = 0, 1, 2
 PHASES = ("sampling", "scoring", "update")
 
 
-def build_config(name: str, layers: int | None, vocab: int = 512):
+def build_config(name: str, layers: int | None, vocab: int = 512) -> LlavaConfig:
     """Vocab 512 with <image> = 511 fits the bundled toy tokenizer (the driver mode)."""
     from llava_jax.models import clip, llama, llava
 
@@ -46,14 +51,14 @@ def build_config(name: str, layers: int | None, vocab: int = 512):
     return llava.LlavaConfig(vision=vision, text=text, projector_type="linear", image_token_index=vocab - 1)
 
 
-def describe(config) -> str:
+def describe(config: LlavaConfig) -> str:
     t = config.text
     llm = t.num_layers * (4 * t.hidden_size ** 2 + 3 * t.hidden_size * t.intermediate_size)
     return (f"{t.num_layers} layers, hidden {t.hidden_size}, vocab {t.vocab_size}, ~{llm / 1e6:.0f}M LLM params, "
             f"{config.num_image_tokens} image tokens")
 
 
-def random_adapter(base: dict, lora, rng, scale: float = 0.05):
+def random_adapter(base: dict, lora: LoraConfig, rng: jax.Array, scale: float = 0.05) -> Adapter:
     """A LoRA adapter with random `b` too (a trained adapter: it moves the model off the base)."""
     from llava_jax import lora as lora_lib
 
@@ -65,8 +70,8 @@ def random_adapter(base: dict, lora, rng, scale: float = 0.05):
     return lora_lib.Adapter(jax.tree_util.tree_unflatten(tree, params), lora)
 
 
-def make_roles(config, rank: int, alpha: float = 16.0, seed: int = 0, base: dict | None = None
-               ) -> tuple[dict, dict, dict]:
+def make_roles(config: LlavaConfig, rank: int, alpha: float = 16.0, seed: int = 0,
+               base: dict | None = None) -> tuple[dict, dict, dict]:
     """(base, adapters by role, heads by kind), host arrays (`base` when given is kept as is).
     The policy has moved off its reference (two random adapters); the value adapter starts
     as the reward adapter (the original's init); the value head is random rather than the
@@ -86,7 +91,8 @@ def make_roles(config, rank: int, alpha: float = 16.0, seed: int = 0, base: dict
     return base, {k: lora_lib.Adapter(to_host(v.params), v.config) for k, v in adapters.items()}, to_host(head_of)
 
 
-def export_world(root: str, config, base: dict, adapters: dict, head_of: dict) -> tuple[str, dict]:
+def export_world(root: str, config: LlavaConfig, base: dict, adapters: dict,
+                 head_of: dict) -> tuple[str, dict]:
     """The world as HF files: a llava-hf directory and one PEFT directory per role (heads beside)."""
     from llava_jax.convert import export_hf
     from llava_jax.convert.peft import write_peft_adapter
@@ -101,7 +107,7 @@ def export_world(root: str, config, base: dict, adapters: dict, head_of: dict) -
     return hf_dir, dirs
 
 
-def make_prompts(config, batch: int, text_len: int, seed: int = 0) -> dict:
+def make_prompts(config: LlavaConfig, batch: int, text_len: int, seed: int = 0) -> dict:
     """Left-padded queries (BOS, the image placeholders, text; row b has b % 4 pads) and images."""
     rng = np.random.RandomState(seed)
     n_img, size, vocab = config.num_image_tokens, config.vision.image_size, config.text.vocab_size
@@ -132,7 +138,7 @@ def reward_inputs(rollout: dict, rating_ids: np.ndarray, multiple: int) -> tuple
     return ids, mask
 
 
-def cut_ids(text: str, config) -> tuple[int, ...]:
+def cut_ids(text: str, config: LlavaConfig) -> tuple[int, ...]:
     """The ids standing for LLaMA's two '?' tokens (1577, 29973) the original cuts responses at:
     `text` (comma-separated) or, when empty, the two ids below the placeholder."""
     vocab = config.text.vocab_size
@@ -143,7 +149,7 @@ def minibatch_orders(seed: int, round_: int, epochs: int, rows: int) -> list[np.
     return [np.random.default_rng((seed, round_, e)).permutation(rows) for e in range(epochs)]
 
 
-def ppo_settings(lr: float):
+def ppo_settings(lr: float) -> tuple[Any, Any, float, Any, Any]:
     """(PPOHyper, RewardWeights, kl_coef, OptimConfig) from configs/common.py; lr constant."""
     from configs.common import base_config
     from llava_jax import fact_reward, ppo
@@ -165,8 +171,9 @@ def ppo_settings(lr: float):
 class OursPPO:
     """Our PPO step from the library pieces, one jitted pass per piece as the driver runs them."""
 
-    def __init__(self, config, base: dict, adapters: dict, head_of: dict, *, response_len: int, dtype: str,
-                 lr: float = 3e-5, rating_ids: np.ndarray, cut_ids: tuple[int, ...] = (), seed: int = 0):
+    def __init__(self, config: LlavaConfig, base: dict, adapters: dict, head_of: dict, *, response_len: int,
+                 dtype: str, lr: float = 3e-5, rating_ids: np.ndarray, cut_ids: tuple[int, ...] = (),
+                 seed: int = 0) -> None:
         from llava_jax import ppo, roles, rollout, trainable
         from llava_jax.sampling import SamplingConfig
         from llava_jax.optim import make_optimizer
@@ -189,6 +196,7 @@ class OursPPO:
                   "value_head": f32(head_of["value"])}
         self.state = create_state(params, optimizer, jax.random.PRNGKey(seed))
         self.rating_ids, self.multiple = rating_ids, self.cfg.ppo.reward_pad_multiple
+        self.last_length = 0.0  # mean response tokens of the last rollout
         cut_ids = cut_ids if self.cfg.ppo.cut_at_question_mark else ()
         self._generate = jax.jit(functools.partial(rollout.generate_responses, spec, sampling, cut_ids))
         self._score = jax.jit(functools.partial(rollout.score_responses, spec, False))  # values: recompute_old
@@ -239,7 +247,7 @@ class OursPPO:
 
         from llava_jax import ppo
 
-        def loss(params, minibatch):
+        def loss(params: dict, minibatch: dict) -> jax.Array:
             total, aux = ppo.ppo_loss_sums(self.spec, self.hyper, params, self.frozen, minibatch)
             return total / jnp.maximum(aux["tokens"], 1.0)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -91,12 +91,13 @@ class TorchPPO:
     """The four roles over one HF base, and the PPO step on them (float32 or bfloat16)."""
 
     def __init__(self, hf_dir: str, adapters: dict[str, str], hyper: TorchPPOHyper, dtype: str = "float32",
-                 device: str = "cpu"):
+                 device: str = "cpu") -> None:
         import peft
         import transformers
         from safetensors.torch import load_file
 
         self.hyper, self.device = hyper, torch.device(device)
+        self.last_length = 0.0  # mean response tokens of the last `generate`
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         base = transformers.LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=self.dtype)
         model = peft.PeftModel.from_pretrained(base, adapters["policy"], adapter_name="policy", is_trainable=True)
@@ -126,7 +127,8 @@ class TorchPPO:
     def _pixels(self, pixel_values: np.ndarray) -> torch.Tensor:
         return self._tensor(pixel_values, self.dtype).permute(0, 3, 1, 2).contiguous()
 
-    def _forward(self, adapter: str, ids: torch.Tensor, mask: torch.Tensor, pixels: torch.Tensor, trainable: bool):
+    def _forward(self, adapter: str, ids: torch.Tensor, mask: torch.Tensor, pixels: torch.Tensor,
+                 trainable: bool) -> Any:
         self.model.set_adapter(adapter, inference_mode=not trainable)
         return self.model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions(mask),
                           output_hidden_states=True, use_cache=False)
