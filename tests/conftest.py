@@ -34,3 +34,15 @@ def toy_world(tmp_path_factory) -> tuple[str, str]:
 
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return make_world(str(tmp_path_factory.mktemp("toy_world")), sft_epochs=20.0)
+
+
+# The longest modules first: pytest-xdist hands out whole files in collection order, so a
+# long file collected last would run alone at the end while the other worker idles.
+SLOW_FIRST = ("test_toy_rlhf.py", "test_ppo.py", "test_distributed.py", "test_train.py", "test_bench_scripts.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+    items.sort(key=rank)  # stable: the order inside a module is kept
