@@ -110,9 +110,8 @@ def run_ppo(s: RunSettings) -> dict:
                     sums = update if sums is None else add(sums, update)  # stays on the device
             if p.adaptive_kl:
                 kl_coef = ppo.adaptive_kl_coef(kl_coef, metrics["kl"], p.target_kl, p.kl_horizon, p.rollout_batch)
-            if step % s.log.every == 0 or step == steps:
-                if jax.process_index() == 0:
-                    write_samples(s.workdir, step, samples)
+            if (step % s.log.every == 0 or step == steps) and jax.process_index() == 0:
+                write_samples(s.workdir, step, samples)
             jax.block_until_ready(state)  # the step's wall time includes its updates
             metrics.update(rollout_seconds=timings["generate"], score_seconds=timings["score"],
                            step_seconds=time.perf_counter() - begin)
