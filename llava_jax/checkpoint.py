@@ -25,8 +25,8 @@ class Checkpointer:
     def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         self.every = every
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                               enable_async_checkpointing=async_save, create=True)
+        # The interval is decided here (`due`), not by orbax: every save is explicit.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._multi = jax.process_count() > 1
         self._signalled = False

@@ -21,7 +21,6 @@ import numpy as np
 from llava_jax import fact_reward, lora as lora_lib, ppo, ppo_setup, roles, run_setup, sharding
 from llava_jax.rollout import Rollouts, RolloutConfig, write_samples
 from llava_jax.settings import RunSettings, validate
-from llava_jax.train_state import create_state
 
 
 def build_prompts(s: RunSettings, spec: roles.PPOSpec) -> tuple[Any, Any, Any]:
@@ -70,11 +69,11 @@ def run_ppo(s: RunSettings) -> dict:
                          recompute_logprobs=p.old_logprobs == "recompute")
     frozen_sh = ppo_setup.frozen_shardings(spec, frozen, mesh)
     frozen = run_setup.place(frozen, frozen_sh)
-    state_shape = jax.eval_shape(lambda q: create_state(q, optimizer, jax.random.PRNGKey(s.seed)), params)
+    state_shape = run_setup.abstract_state(s, params, optimizer)
     state_sh = ppo_setup.state_shardings(spec, state_shape, mesh)
     ckpt = run_setup.open_checkpoints(s)
-    state, extras, loader_state, latest = run_setup.init_or_restore(s, ckpt, params, optimizer, state_sh,
-                                                                    {"kl_coef": float(p.kl_coef)})
+    state, extras, loader_state, latest = run_setup.init_or_restore(s, ckpt, params, optimizer, state_shape,
+                                                                    state_sh, {"kl_coef": float(p.kl_coef)})
     if loader_state is not None:
         loader.restore(loader_state)
     kl_coef = extras["kl_coef"]

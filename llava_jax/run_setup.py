@@ -169,14 +169,20 @@ def open_checkpoints(s: RunSettings) -> Checkpointer:
                         async_save=s.checkpoint.async_save)
 
 
-def init_or_restore(s: RunSettings, ckpt: Checkpointer, params: dict, optimizer: Any, state_sh: TrainState,
-                    extras: dict | None = None) -> tuple[TrainState, dict, dict | None, int | None]:
+def abstract_state(s: RunSettings, params: dict, optimizer: Any) -> TrainState:
+    """ShapeDtypeStructs of the train state `init_or_restore` builds from `params`."""
+    return jax.eval_shape(lambda p: create_state(p, optimizer, jax.random.PRNGKey(s.seed)), params)
+
+
+def init_or_restore(s: RunSettings, ckpt: Checkpointer, params: dict, optimizer: Any, state_shape: TrainState,
+                    state_sh: TrainState, extras: dict | None = None
+                    ) -> tuple[TrainState, dict, dict | None, int | None]:
     """(train state, extras, this process's loader state or None, restored step or None): the
-    latest checkpoint when resuming, else a fresh state from `params`. `extras` are replicated
-    float32 scalars kept beside the state (e.g. PPO's KL coefficient)."""
+    latest checkpoint when resuming, else a fresh state from `params`. `state_shape` is
+    `abstract_state(...)`; `extras` are replicated float32 scalars kept beside the state
+    (e.g. PPO's KL coefficient)."""
     extras = dict(extras or {})
     rng = jax.random.PRNGKey(s.seed)
-    state_shape = jax.eval_shape(lambda p: create_state(p, optimizer, rng), params)
     latest = ckpt.latest_step() if s.resume else None
     if latest is None:
         # host copies: restored arrays are committed to one device, the state spans the mesh

@@ -293,7 +293,6 @@ def validate(s: RunSettings, process_count: int, device_count: int) -> None:
     if s.stage == "rm" and s.train.grad_accum != 1:
         raise ValueError(f"config.train.grad_accum={s.train.grad_accum}: the RM step takes whole batches (its "
                          "centering term is a batch mean); lower train.batch_size or use more devices instead")
-    OptimConfig(schedule=s.optim.schedule)  # schedule name check
     sharding.mesh_shape(s.mesh.shape, device_count)
     if s.stage == "ppo":
         _validate_ppo(s, process_count)

@@ -16,7 +16,7 @@ import numpy as np
 from llava_jax import lora as lora_lib, run_setup, trainable
 from llava_jax.optim import make_optimizer
 from llava_jax.settings import RunSettings, validate
-from llava_jax.train_state import ModelSpec, TrainState, create_state
+from llava_jax.train_state import ModelSpec, TrainState
 
 
 def build_data(s: RunSettings, config: Any) -> tuple[Any, Any | None, Any]:
@@ -93,12 +93,12 @@ def run_train(s: RunSettings) -> dict:
     loader, eval_loader, _ = build_data(s, config)
     steps = run_setup.total_steps(s, loader)
     optimizer, schedule = make_optimizer(s.optim, steps)
-    state_shape = jax.eval_shape(lambda p: create_state(p, optimizer, rng), params)
+    state_shape = run_setup.abstract_state(s, params, optimizer)
     state_sh = run_setup.state_shardings(state_shape, mesh, run_setup.params_logical(config, params))
     frozen_sh = run_setup.frozen_shardings(config, frozen, mesh)
     frozen = run_setup.place(frozen, frozen_sh)
     ckpt = run_setup.open_checkpoints(s)
-    state, _, loader_state, latest = run_setup.init_or_restore(s, ckpt, params, optimizer, state_sh)
+    state, _, loader_state, latest = run_setup.init_or_restore(s, ckpt, params, optimizer, state_shape, state_sh)
     if loader_state is not None:
         loader.restore(loader_state)
     llm_params = sum(x.size for x in jax.tree_util.tree_leaves(base["llm"]))
@@ -154,19 +154,15 @@ def export_result(s: RunSettings, spec: ModelSpec, state: TrainState, frozen: di
               "restores the final checkpoint and exports")
         return None
     params = jax.device_get(state.params)
-    if "adapter" not in params:
+    if "base" in params:  # trained base parts (lora+projector too: the projector goes with its base)
         dtype = jnp.dtype(s.model.param_dtype)
         base = trainable.join_base(trainable.cast_tree(params["base"], dtype), jax.device_get(frozen))
-        path = os.path.join(s.workdir, "model")
-        save_checkpoint(path, spec.config, jax.tree_util.tree_map(np.asarray, base), overwrite=True,
+        model_path = os.path.join(s.workdir, "model")
+        save_checkpoint(model_path, spec.config, jax.tree_util.tree_map(np.asarray, base), overwrite=True,
                         extra={"trained_by": s.stage})
-        return path
-    if "base" in params:  # lora+projector: the trained projector goes with the base it belongs to
-        base = trainable.join_base(trainable.cast_tree(params["base"], jnp.dtype(s.model.param_dtype)),
-                                   jax.device_get(frozen))
-        save_checkpoint(os.path.join(s.workdir, "model"), spec.config, jax.tree_util.tree_map(np.asarray, base),
-                        overwrite=True, extra={"trained_by": s.stage})
-        print(f"lora+projector: the base with the trained projector is {s.workdir}/model; use it with the adapter")
+        if "adapter" not in params:
+            return model_path
+        print(f"lora+projector: the base with the trained projector is {model_path}; use it with the adapter")
     path = os.path.join(s.workdir, "adapter")
     kind = "reward" if s.stage == "rm" else None
     write_adapter_dir(path, lora_lib.Adapter(params["adapter"], spec.lora), params.get("head") if kind else None, kind,
