@@ -364,7 +364,8 @@ def build_ppo_step(ctx: Context) -> Step:
     spec = trees.spec
     flops = step_flops(spec.policy_config, rows, q + n) + step_flops(spec.reward_config, rows, q + n)
     params, opt = trees.resident
-    return Step("ppo_step", fn, (trees.state, trees.frozen, _batch(mesh, arrays)), params=params, opt=opt,
+    return Step("ppo_step", fn, (trees.state, trees.frozen, _batch(mesh, arrays), trees.state.params),
+                params=params, opt=opt,
                 state_in_args=device_bytes((trees.state.params, trees.frozen, trees.state.opt_state)), note=note,
                 model_flops=flops)
 

@@ -47,7 +47,8 @@ class PPOHyper:
     whiten_rewards: bool = False
     whiten_over_pads: bool = False
     loss_over_pads: bool = False
-    exact_ratio: bool = False  # rematerialise the policy forward (see policy_value_outputs)
+    exact_ratio: bool = False  # old log-probs and values from the update's own forward while the
+    # trained params are still the rollout's (see ppo_loss_sums)
     grad_accum: int = 1
 
     def __post_init__(self):
@@ -192,35 +193,49 @@ def objective_sums(hyper: PPOHyper, logp: jax.Array, entropy: jax.Array, values:
     return pg_sum + hyper.vf_coef * vf_sum, aux
 
 
-def policy_value_outputs(spec: roles.PPOSpec, params: dict, frozen: dict, batch: dict,
-                         exact_ratio: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+def policy_value_outputs(spec: roles.PPOSpec, params: dict, frozen: dict, batch: dict
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The trained roles on rollouts: the policy's log-probs and entropies and the value's
-    estimates [B, N]. The update's forward, and (ppo.old_logprobs = "recompute") the pass
-    that gives a rollout its old log-probs and values. Under autodiff XLA may fuse a forward
-    otherwise than alone (measured: 1-ulp log-prob differences on XLA:CPU), so `exact_ratio`
-    rematerialises the policy's forward (jax.checkpoint: one more policy forward per update):
-    its values are then the rollout pass's bit for bit and the first update's ratio is 1."""
-    def policy(adapter_params):
-        return roles.response_logprobs(spec, frozen["policy_base"], adapter_params, batch, batch["policy_features"])
-
-    logp, entropy = (jax.checkpoint(policy) if exact_ratio else policy)(params["policy"])
+    estimates [B, N]. The update's forward, and (ppo.old_logprobs = "recompute") the
+    teacher-forced pass that gives a rollout its old log-probs and values."""
+    logp, entropy = roles.response_logprobs(spec, frozen["policy_base"], params["policy"], batch,
+                                            batch["policy_features"])
     values = roles.response_values(spec, roles.reward_base(spec, frozen), params["value"], params["value_head"],
                                    batch, batch.get("reward_features", batch["policy_features"]))
     return logp, entropy, values
 
 
-def ppo_loss_sums(spec: roles.PPOSpec, hyper: PPOHyper, params: dict, frozen: dict,
-                  batch: dict) -> tuple[jax.Array, dict]:
-    """`objective_sums` of a minibatch under the current policy and value."""
-    logp, entropy, values = policy_value_outputs(spec, params, frozen, batch, hyper.exact_ratio)
+def trees_equal(a: dict, b: dict) -> jax.Array:
+    """Whether two trees of the same structure hold the same numbers (a scalar bool)."""
+    leaves = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: jnp.all(x == y), a, b))
+    return jnp.all(jnp.stack(leaves))
+
+
+def ppo_loss_sums(spec: roles.PPOSpec, hyper: PPOHyper, params: dict, frozen: dict, batch: dict,
+                  rollout_params: dict | None = None) -> tuple[jax.Array, dict]:
+    """`objective_sums` of a minibatch under the current policy and value.
+
+    With `exact_ratio`, while `params` are still `rollout_params` (the first update of a PPO
+    step, or every update of one trained at learning rate 0), the old log-probs and values
+    are this forward's own: they are what the rollout's teacher-forced pass computes, but
+    under autodiff XLA may fuse a forward otherwise than alone (1-ulp differences on XLA:CPU
+    in float32, more in bfloat16; other batch shapes may tile otherwise on GPUs), and this way
+    the ratio is exactly 1 on any backend, at no cost. Later updates read the rollout's."""
+    logp, entropy, values = policy_value_outputs(spec, params, frozen, batch)
+    if hyper.exact_ratio and rollout_params is not None:
+        same = trees_equal(params, rollout_params)
+        batch = {**batch, "logprobs": jnp.where(same, jax.lax.stop_gradient(logp), batch["logprobs"]),
+                 "values": jnp.where(same, jax.lax.stop_gradient(values), batch["values"])}
     return objective_sums(hyper, logp, entropy, values, batch)
 
 
 def ppo_step(spec: roles.PPOSpec, hyper: PPOHyper, optimizer: optax.GradientTransformation,
-             schedule: optax.Schedule, state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
-    """One optimiser step on a minibatch of rollouts (grad_accum micro-batches)."""
+             schedule: optax.Schedule, state: TrainState, frozen: dict, batch: dict,
+             rollout_params: dict | None = None) -> tuple[TrainState, dict]:
+    """One optimiser step on a minibatch of rollouts (grad_accum micro-batches);
+    `rollout_params`: the trained params the rollout was scored with (see ppo_loss_sums)."""
     rng, step_rng = jax.random.split(state.rng)
-    loss_fn = lambda p, mb, key: ppo_loss_sums(spec, hyper, p, frozen, mb)  # noqa: E731
+    loss_fn = lambda p, mb, key: ppo_loss_sums(spec, hyper, p, frozen, mb, rollout_params)  # noqa: E731
     grads, aux = accumulate(loss_fn, state.params, batch, hyper.grad_accum, step_rng)
     tokens = jnp.maximum(aux.pop("tokens"), 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / tokens, grads)

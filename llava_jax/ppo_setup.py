@@ -122,6 +122,9 @@ def state_shardings(spec: roles.PPOSpec, state_shape: Any, mesh: Any) -> Any:
 
 def jit_ppo_step(spec: roles.PPOSpec, hyper: ppo.PPOHyper, optimizer: Any, schedule: Any, state_sh: Any,
                  frozen_sh: Any) -> Callable:
-    """One PPO minibatch update, jitted with explicit shardings; the state is donated."""
+    """One PPO minibatch update `(state, frozen, batch, rollout_params)`, jitted with explicit
+    shardings; the state is donated (`rollout_params`, the params the rollout was scored with,
+    must be a copy)."""
     return jax.jit(functools.partial(ppo.ppo_step, spec, hyper, optimizer, schedule),
-                   in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
+                   in_shardings=(state_sh, frozen_sh, None, state_sh.params), out_shardings=(state_sh, None),
+                   donate_argnums=(0,))

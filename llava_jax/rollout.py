@@ -98,8 +98,8 @@ def score_responses(spec: roles.PPOSpec, with_values: bool, frozen: dict, params
 
 def recompute_old(spec: roles.PPOSpec, frozen: dict, params: dict, batch: dict) -> dict:
     """The rollout's old log-probs and values by the update's own forward (the original's
-    teacher-forced pass); its own jitted pass, as the update is, so the numbers match it."""
-    logprobs, _, values = ppo.policy_value_outputs(spec, params, frozen, batch, exact_ratio=True)
+    teacher-forced pass); while the policy is unchanged the update takes its own (ppo_loss_sums)."""
+    logprobs, _, values = ppo.policy_value_outputs(spec, params, frozen, batch)
     return {"logprobs": jnp.where(batch["response_mask"], logprobs, 0.0), "values": values}
 
 

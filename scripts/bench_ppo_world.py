@@ -205,6 +205,7 @@ class OursPPO:
         self._step = jax.jit(functools.partial(ppo.ppo_step, spec, self.hyper, optimizer, schedule),
                              donate_argnums=(0,))
         self._take = jax.jit(lambda tree, idx: jax.tree_util.tree_map(lambda x: x[idx], tree))
+        self._copy = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
         self.update_keys = rollout.UPDATE_KEYS
 
     def rollout(self, prompts: dict, seed: int, times: dict) -> dict:
@@ -231,11 +232,12 @@ class OursPPO:
     def update(self, rollout: dict, orders: list[np.ndarray], step_batch: int, times: dict) -> list[dict]:
         begin = time.perf_counter()
         data = {k: v for k, v in rollout.items() if k in self.update_keys}
+        rollout_params = self._copy(self.state.params)  # the state is donated to each update
         metrics = []
         for order in orders:
             for start in range(0, len(order), step_batch):
                 minibatch = self._take(data, jnp.asarray(order[start:start + step_batch]))
-                self.state, m = self._step(self.state, self.frozen, minibatch)
+                self.state, m = self._step(self.state, self.frozen, minibatch, rollout_params)
                 metrics.append(m)
         metrics = jax.device_get(metrics)
         times["update"] = time.perf_counter() - begin
@@ -247,12 +249,13 @@ class OursPPO:
 
         from llava_jax import ppo
 
-        def loss(params: dict, minibatch: dict) -> jax.Array:
-            total, aux = ppo.ppo_loss_sums(self.spec, self.hyper, params, self.frozen, minibatch)
+        def loss(params: dict, minibatch: dict, rollout_params: dict) -> jax.Array:
+            total, aux = ppo.ppo_loss_sums(self.spec, self.hyper, params, self.frozen, minibatch, rollout_params)
             return total / jnp.maximum(aux["tokens"], 1.0)
 
         minibatch = self._take({k: v for k, v in rollout.items() if k in self.update_keys}, jnp.asarray(rows))
-        grads = jax.jit(jax.grad(loss))(self.state.params, minibatch)
+        # as the first update sees them: the params still the rollout's
+        grads = jax.jit(jax.grad(loss))(self.state.params, minibatch, self.state.params)
         return {f"{k}_grad_norm": float(optax.tree.norm(g)) for k, g in grads.items()}
 
     def step(self, prompts: dict, seed: int, orders: list[np.ndarray], step_batch: int) -> tuple[dict, dict, list]:
