@@ -20,6 +20,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 _CACHE = os.environ.setdefault("LLAVA_JAX_TEST_XLA_CACHE", tempfile.mkdtemp(prefix="llava_jax_xla_cache_"))
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE  # inherited by the tests' subprocesses
 jax.config.update("jax_compilation_cache_dir", _CACHE)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"  # the subprocesses too
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
