@@ -366,7 +366,9 @@ def build_ppo_step(ctx: Context) -> Step:
     params, opt = trees.resident
     return Step("ppo_step", fn, (trees.state, trees.frozen, _batch(mesh, arrays), trees.state.params),
                 params=params, opt=opt,
-                state_in_args=device_bytes((trees.state.params, trees.frozen, trees.state.opt_state)), note=note,
+                # the params twice: the state's and the rollout's copy that the update compares with
+                state_in_args=device_bytes((trees.state.params, trees.frozen, trees.state.opt_state,
+                                            trees.state.params)), note=note,
                 model_flops=flops)
 
 

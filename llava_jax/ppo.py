@@ -220,9 +220,13 @@ def ppo_loss_sums(spec: roles.PPOSpec, hyper: PPOHyper, params: dict, frozen: di
     are this forward's own: they are what the rollout's teacher-forced pass computes, but
     under autodiff XLA may fuse a forward otherwise than alone (1-ulp differences on XLA:CPU
     in float32, more in bfloat16; other batch shapes may tile otherwise on GPUs), and this way
-    the ratio is exactly 1 on any backend, at no cost. Later updates read the rollout's."""
+    the ratio is exactly 1 on any backend, at no cost. Later updates read the rollout's.
+    Without `exact_ratio`, `rollout_params` is not used and may be None."""
+    if hyper.exact_ratio and rollout_params is None:
+        raise ValueError("ppo_loss_sums: exact_ratio (ppo.old_logprobs='recompute') needs rollout_params, "
+                         "a copy of the trained params the rollout was scored with")
     logp, entropy, values = policy_value_outputs(spec, params, frozen, batch)
-    if hyper.exact_ratio and rollout_params is not None:
+    if hyper.exact_ratio:
         same = trees_equal(params, rollout_params)
         batch = {**batch, "logprobs": jnp.where(same, jax.lax.stop_gradient(logp), batch["logprobs"]),
                  "values": jnp.where(same, jax.lax.stop_gradient(values), batch["values"])}

@@ -10,6 +10,7 @@ a run killed mid-rollout resumes to the same rollouts and metrics.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -80,9 +81,7 @@ def run_ppo(s: RunSettings) -> dict:
     del params
     rollouts = Rollouts(spec, hyper, rcfg, tokenizer, prompt, mesh, frozen_sh)
     step_fn = ppo_setup.jit_ppo_step(spec, hyper, optimizer, schedule, state_sh, frozen_sh)
-    take = jax.jit(lambda tree, idx: jax.tree_util.tree_map(lambda x: x[idx], tree))
     add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
-    copy_tree = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
     judge_captions = load_captions(os.path.join(s.eval.toy_dir, "captions.json")) if s.eval.toy_dir else None
 
     def derive(m: dict) -> dict:  # the update's mean metrics and the step's throughput, on the host
@@ -102,14 +101,9 @@ def run_ppo(s: RunSettings) -> dict:
             rollout, metrics, samples = rollouts.collect(frozen, state.params, batches, step, kl_coef, timings)
             if judge_captions is not None:
                 metrics["hallucination_rate"] = rollout_hallucination(samples, judge_captions)
-            sums = None
-            rollout_params = copy_tree(state.params)  # the state is donated to each update
-            for epoch in range(p.ppo_epochs):
-                order = minibatch_order(s.seed, step, epoch, p.rollout_batch)
-                for row in range(0, p.rollout_batch, p.step_batch):
-                    state, update = step_fn(state, frozen, take(rollout, jnp.asarray(order[row:row + p.step_batch])),
-                                            rollout_params)
-                    sums = update if sums is None else add(sums, update)  # stays on the device
+            orders = [minibatch_order(s.seed, step, epoch, p.rollout_batch) for epoch in range(p.ppo_epochs)]
+            state, updates = ppo_setup.minibatch_updates(step_fn, state, frozen, rollout, orders, p.step_batch)
+            sums = functools.reduce(add, updates)  # stays on the device
             if p.adaptive_kl:
                 kl_coef = ppo.adaptive_kl_coef(kl_coef, metrics["kl"], p.target_kl, p.kl_horizon, p.rollout_batch)
             if (step % s.log.every == 0 or step == steps) and jax.process_index() == 0:

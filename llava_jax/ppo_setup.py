@@ -1,6 +1,7 @@
 """The PPO layout, shared by the PPO loop (ppo_loop.py) and the compile check: the four
 roles' trees over one or two bases (`roles_trees`), their shardings, the PPO
-hyper-parameters, optimiser, sampling settings and the jitted update.
+hyper-parameters, optimiser, sampling settings, the jitted update and the passes of
+minibatch updates over one rollout (`minibatch_updates`, run by the loop and the benchmarks).
 
 Trainable: {policy LoRA, value LoRA, value head} (float32). Frozen: the policy base, the
 reference adapter (the policy's start), the reward LoRA + head, and with ppo.reward_base a
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from llava_jax import heads, lora as lora_lib, ppo, roles, run_setup, sharding, trainable
@@ -128,3 +130,28 @@ def jit_ppo_step(spec: roles.PPOSpec, hyper: ppo.PPOHyper, optimizer: Any, sched
     return jax.jit(functools.partial(ppo.ppo_step, spec, hyper, optimizer, schedule),
                    in_shardings=(state_sh, frozen_sh, None, state_sh.params), out_shardings=(state_sh, None),
                    donate_argnums=(0,))
+
+
+# Jitted once per process: row selection of a rollout, and the copy of the rollout's params
+# that the update compares against (the state, params included, is donated to each update).
+_take_rows = jax.jit(lambda tree, rows: jax.tree_util.tree_map(lambda x: x[rows], tree))
+_copy_tree = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
+
+
+def minibatch_updates(step_fn: Callable, state: Any, frozen: dict, rollout: dict, orders: Sequence[np.ndarray],
+                      step_batch: int) -> tuple[Any, list[dict]]:
+    """The PPO epochs of one rollout: for each order (a permutation of the rollout's rows,
+    one per epoch), an update `step_fn(state, frozen, minibatch, rollout_params)` per
+    `step_batch` rows. Returns the new state and each update's metrics, on the device."""
+    rollout_params = _copy_tree(state.params)
+    metrics = []
+    for order in orders:
+        for start in range(0, len(order), step_batch):
+            state, m = step_fn(state, frozen, take_rows(rollout, order[start:start + step_batch]), rollout_params)
+            metrics.append(m)
+    return state, metrics
+
+
+def take_rows(tree: dict, rows: np.ndarray) -> dict:
+    """Rows `rows` of every array in `tree` (a minibatch of a rollout)."""
+    return _take_rows(tree, jnp.asarray(rows))

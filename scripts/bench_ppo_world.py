@@ -152,15 +152,12 @@ def minibatch_orders(seed: int, round_: int, epochs: int, rows: int) -> list[np.
 def ppo_settings(lr: float) -> tuple[Any, Any, float, Any, Any]:
     """(PPOHyper, RewardWeights, kl_coef, OptimConfig) from configs/common.py; lr constant."""
     from configs.common import base_config
-    from llava_jax import fact_reward, ppo
+    from llava_jax import fact_reward, ppo_setup
     from llava_jax.optim import OptimConfig
 
     c = base_config()
     p = c.ppo
-    hyper = ppo.PPOHyper(clip=p.clip, value_clip=p.value_clip, vf_coef=p.vf_coef, gamma=p.gamma, lam=p.lam,
-                         kl_estimator=p.kl_estimator, reward_scale=p.reward_scale, whiten_rewards=p.whiten_rewards,
-                         whiten_over_pads=p.whiten_over_pads, loss_over_pads=p.loss_over_pads,
-                         exact_ratio=p.old_logprobs == "recompute")
+    hyper = ppo_setup.ppo_hyper(p)
     weights = fact_reward.RewardWeights(p.rm_weight, p.correct_bonus, p.length_bonus, p.no_stop_penalty)
     optim = OptimConfig(learning_rate=lr, schedule="constant", warmup_steps=0, warmup_ratio=0.0,
                         weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
@@ -204,8 +201,6 @@ class OursPPO:
         self._finish = jax.jit(functools.partial(rollout.finish_rollout, self.hyper, weights, response_len, EOS))
         self._step = jax.jit(functools.partial(ppo.ppo_step, spec, self.hyper, optimizer, schedule),
                              donate_argnums=(0,))
-        self._take = jax.jit(lambda tree, idx: jax.tree_util.tree_map(lambda x: x[idx], tree))
-        self._copy = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
         self.update_keys = rollout.UPDATE_KEYS
 
     def rollout(self, prompts: dict, seed: int, times: dict) -> dict:
@@ -230,15 +225,12 @@ class OursPPO:
         return out
 
     def update(self, rollout: dict, orders: list[np.ndarray], step_batch: int, times: dict) -> list[dict]:
+        from llava_jax import ppo_setup
+
         begin = time.perf_counter()
         data = {k: v for k, v in rollout.items() if k in self.update_keys}
-        rollout_params = self._copy(self.state.params)  # the state is donated to each update
-        metrics = []
-        for order in orders:
-            for start in range(0, len(order), step_batch):
-                minibatch = self._take(data, jnp.asarray(order[start:start + step_batch]))
-                self.state, m = self._step(self.state, self.frozen, minibatch, rollout_params)
-                metrics.append(m)
+        self.state, metrics = ppo_setup.minibatch_updates(self._step, self.state, self.frozen, data, orders,
+                                                          step_batch)
         metrics = jax.device_get(metrics)
         times["update"] = time.perf_counter() - begin
         return metrics
@@ -247,13 +239,13 @@ class OursPPO:
         """Each trained tree's gradient norm of the mean loss on rows `rows` (for the check)."""
         import optax
 
-        from llava_jax import ppo
+        from llava_jax import ppo, ppo_setup
 
         def loss(params: dict, minibatch: dict, rollout_params: dict) -> jax.Array:
             total, aux = ppo.ppo_loss_sums(self.spec, self.hyper, params, self.frozen, minibatch, rollout_params)
             return total / jnp.maximum(aux["tokens"], 1.0)
 
-        minibatch = self._take({k: v for k, v in rollout.items() if k in self.update_keys}, jnp.asarray(rows))
+        minibatch = ppo_setup.take_rows({k: v for k, v in rollout.items() if k in self.update_keys}, rows)
         # as the first update sees them: the params still the rollout's
         grads = jax.jit(jax.grad(loss))(self.state.params, minibatch, self.state.params)
         return {f"{k}_grad_norm": float(optax.tree.norm(g)) for k, g in grads.items()}

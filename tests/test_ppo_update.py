@@ -42,6 +42,8 @@ def test_unchanged_params_read_their_own_forward(world):
     assert float(other["approx_kl"]) > 1e-3 and float(other["value_clipfrac"]) > 0
     sampler = ours.hyper.__class__(**{**ours.hyper.__dict__, "exact_ratio": False})  # old_logprobs = "sampler"
     assert float(_sums(ours, sampler, noisy, params)["approx_kl"]) > 1e-3
+    with pytest.raises(ValueError, match="needs rollout_params"):  # exact_ratio never falls back silently
+        ppo.ppo_loss_sums(ours.spec, ours.hyper, params, ours.frozen, batch, None)
 
 
 def test_first_update_has_ratio_one_and_later_ones_do_not(world):
