@@ -175,27 +175,11 @@ def step_flops(mode: str, config, base: dict, batch: int, seq: int) -> float:
     return flops
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", default="both", choices=("both", "full", "lora"))
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--image-size", type=int, default=112)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=512, help="tokens per item, image placeholders included")
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--steps", type=int, default=5, help=f"timed steps, after {WARMUP} warm-up steps")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--skip-hf", action="store_true", help="time ours only (e.g. on a GPU without torch)")
-    p.add_argument("--peak", action="store_true", help="also measure a 4096^3 float32 matmul's FLOP/s (jax, torch)")
-    a = p.parse_args()
-
+def build_models(a: argparse.Namespace) -> tuple:
+    """(config, base, hf, torch device, HF initial state): bench_generate's random llava-hf model
+    imported with the real `load_hf` (hf None with --skip-hf: our own init at the same shapes)."""
     from llava_jax.convert import load_hf
-    from llava_jax.metrics import peak_flops
 
-    modes = ["full", "lora"] if a.mode == "both" else [a.mode]
     hf = torch_device = init_state = None
     if not a.skip_hf:
         import torch
@@ -222,6 +206,30 @@ def main() -> None:
         base = llava.init_params(config, jax.random.PRNGKey(0))
     config = config.with_runtime(dtype=a.dtype, param_dtype=a.dtype)
     base = jax.tree_util.tree_map(lambda x: jnp.asarray(x, a.dtype), base)
+    return config, base, hf, torch_device, init_state
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", default="both", choices=("both", "full", "lora"))
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512, help="tokens per item, image placeholders included")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--steps", type=int, default=5, help=f"timed steps, after {WARMUP} warm-up steps")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--skip-hf", action="store_true", help="time ours only (e.g. on a GPU without torch)")
+    p.add_argument("--peak", action="store_true", help="also measure a 4096^3 float32 matmul's FLOP/s (jax, torch)")
+    a = p.parse_args()
+
+    from llava_jax.metrics import peak_flops
+
+    modes = ["full", "lora"] if a.mode == "both" else [a.mode]
+    config, base, hf, torch_device, init_state = build_models(a)
     batch = make_batch(a.batch, a.seq, a.vocab, config.num_image_tokens, config.image_token_index, a.image_size)
     tokens = a.batch * a.seq
     device = jax.devices()[0]

@@ -57,16 +57,10 @@ def ppo_step(a: argparse.Namespace) -> tuple[Callable[[], None], str]:
 
 
 def sft_step(a: argparse.Namespace) -> tuple[Callable[[], None], str]:
-    from llava_jax.models import clip, llama, llava
-    from scripts.bench_train import make_batch, ours_step_fn
+    from scripts.bench_train import build_models, make_batch, ours_step_fn
 
-    config = llava.LlavaConfig(
-        vision=clip.ClipVisionConfig(image_size=112, patch_size=14, hidden_size=256, intermediate_size=1024,
-                                     num_layers=4, num_heads=4),
-        text=llama.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8,
-                               num_heads=8, num_kv_heads=8, max_position_embeddings=2048),
-        projector_type="mlp2x_gelu", image_token_index=31999)
-    base = llava.init_params(config, jax.random.PRNGKey(0))
+    shapes = argparse.Namespace(skip_hf=True, layers=8, hidden=512, vocab=32000, image_size=112, dtype="float32")
+    config, base = build_models(shapes)[:2]  # bench_train's defaults, our own random init
     batch = make_batch(4, 512, 32000, config.num_image_tokens, config.image_token_index, 112)
     step = ours_step_fn(a.step.split("-")[1], config, base, batch, 16, 16.0, "float32", 100)
     return lambda: step() and None, "sft_step"
