@@ -38,8 +38,19 @@ def toy_world(tmp_path_factory) -> tuple[str, str]:
 
 
 # The longest modules first: pytest-xdist hands out whole files in collection order, so a
-# long file collected last would run alone at the end while the other worker idles.
-SLOW_FIRST = ("test_toy_rlhf.py", "test_ppo.py", "test_distributed.py", "test_train.py", "test_bench_scripts.py")
+# long file collected last would run alone at the end while the other worker idles. xdist's
+# --dist loadfile sorts files by their number of tests unless told not to (pytest_configure
+# below): toy_rlhf's 2 tests then ran last, ~5 minutes on one worker while the other idled.
+# A worker with <= 2 tests pending takes the next file at once: test_toy_rlhf.py (2 tests)
+# takes its second file when it starts, so a short one (test_data_templates.py) follows it,
+# not test_distributed.py.
+SLOW_FIRST = ("test_toy_rlhf.py", "test_ppo.py", "test_data_templates.py", "test_distributed.py", "test_train.py",
+              "test_bench_scripts.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.6
+        config.option.loadscopereorder = False  # keep SLOW_FIRST's order
 
 
 def pytest_collection_modifyitems(session, config, items):
