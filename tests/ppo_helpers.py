@@ -43,6 +43,9 @@ def make_world(root: str, sft_steps: int | None = None, rm_steps: int | None = N
             cfg.model.init = os.path.join(root, "sft", "model")
             if steps is not None:  # a short run: full lr from the first step, or its scores stay ~0
                 cfg.optim.schedule, cfg.optim.learning_rate, cfg.optim.warmup_steps = "constant", 2e-3, 5
+                # ... and no held-out evaluation (its own compile and 100 pairs' forward): no test
+                # reads a short run's RM accuracy (the held-out check is tiny_rm's, on toy_world).
+                cfg.data.eval_size = 0
         run_config(cfg)
     return os.path.join(root, "sft", "model"), os.path.join(root, "rm", "adapter")
 

@@ -19,9 +19,9 @@ TIMING = ("rollout_seconds", "score_seconds", "update_seconds", "step_seconds", 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """30 SFT + 30 RM steps: a policy that still varies its answers (and their lengths) under
-    sampling, and a reward model that already ranks (the full tiny_sft is too sure of itself
-    for a few PPO steps to move)."""
+    """30 SFT + 30 RM steps (no held-out RM evaluation: no test here reads it): a policy that
+    still varies its answers (and their lengths) under sampling, and a reward model whose
+    scores vary (the full tiny_sft is too sure of itself for a few PPO steps to move)."""
     os.chdir(ROOT)
     return make_world(str(tmp_path_factory.mktemp("ppo_world")), sft_steps=30, rm_steps=30)
 
