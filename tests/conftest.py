@@ -1,5 +1,6 @@
 """Test-wide setup: 8 forced CPU devices (for sharding tests) and float32 matmuls."""
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -17,7 +18,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Many tests run the same step with the same shapes in new jit closures (each driver run,
 # each subprocess, each pytest-xdist worker): a per-session persistent compilation cache
 # compiles each program once. The workers inherit the cache of the process that starts them.
-_CACHE = os.environ.setdefault("LLAVA_JAX_TEST_XLA_CACHE", tempfile.mkdtemp(prefix="llava_jax_xla_cache_"))
+_OWN_CACHE = "LLAVA_JAX_TEST_XLA_CACHE" not in os.environ  # made here (not inherited, not the caller's)
+if _OWN_CACHE:  # (a setdefault would make an unused directory in every worker too)
+    os.environ["LLAVA_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="llava_jax_xla_cache_")
+_CACHE = os.environ["LLAVA_JAX_TEST_XLA_CACHE"]
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE  # inherited by the tests' subprocesses
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"  # the subprocesses too
@@ -46,6 +50,13 @@ def toy_world(tmp_path_factory) -> tuple[str, str]:
 # not test_distributed.py.
 SLOW_FIRST = ("test_toy_rlhf.py", "test_ppo.py", "test_data_templates.py", "test_distributed.py", "test_train.py",
               "test_bench_scripts.py")
+
+
+def pytest_unconfigure(config):
+    # The process that made the cache removes it when the session ends (the xdist workers, which
+    # inherit it, end first); a cache the caller named is the caller's to keep.
+    if _OWN_CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):
