@@ -37,6 +37,22 @@ def build_hf(layers: int, hidden: int, vocab: int, image_size: int, seed: int = 
     return transformers.LlavaForConditionalGeneration(config).eval()
 
 
+def make_prompts(a: argparse.Namespace, config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, mask, pixels): `a.batch` prompts of one token + image placeholders + `a.prompt_text`
+    random tokens + 3, left-padded by 0-3 tokens (row b by b % 4), and random images."""
+    n_img = config.num_image_tokens
+    seq = 1 + n_img + a.prompt_text + 3
+    rng = np.random.RandomState(0)
+    ids = rng.randint(3, a.vocab - 1, size=(a.batch, seq))
+    mask = np.ones_like(ids)
+    for b in range(a.batch):
+        pad = b % 4
+        ids[b, :pad], mask[b, :pad] = 0, 0
+        ids[b, pad + 1:pad + 1 + n_img] = config.image_token_index
+    pixels = rng.randn(a.batch, a.image_size, a.image_size, 3).astype(np.float32)
+    return ids, mask, pixels
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=8)
@@ -65,15 +81,8 @@ def main() -> None:
     base = jax.tree_util.tree_map(lambda x: jax.numpy.asarray(x, a.dtype), base)
 
     n_img = config.num_image_tokens
-    seq = 1 + n_img + a.prompt_text + 3
-    rng = np.random.RandomState(0)
-    ids = rng.randint(3, a.vocab - 1, size=(a.batch, seq))
-    mask = np.ones_like(ids)
-    for b in range(a.batch):
-        pad = b % 4
-        ids[b, :pad], mask[b, :pad] = 0, 0
-        ids[b, pad + 1:pad + 1 + n_img] = config.image_token_index
-    pixels = rng.randn(a.batch, a.image_size, a.image_size, 3).astype(np.float32)
+    ids, mask, pixels = make_prompts(a, config)
+    seq = ids.shape[1]
 
     # The KV cache in the model dtype: a bfloat16 cache under float32 compute would convert
     # the whole cache every step (slow on CPU), and HF keeps its cache in the model dtype too.
