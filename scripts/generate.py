@@ -24,6 +24,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# transformers serves only tokenizers here; without torch installed (the main command's
+# install) it would advise at import that "PyTorch was not found", which does not apply.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from tqdm import tqdm  # noqa: E402
 

@@ -35,10 +35,10 @@ def toy_world(tmp_path_factory) -> tuple[str, str]:
     metrics.jsonl beside each. Over seeds 0-2 the SFT model still sees and hallucinates
     (recall 0.88-0.91, hallucinating describe answers 0.39-0.46) and the RM ranks
     0.96 / 0.96 / 0.93 of the held-out pairs (tests/test_toy_rlhf.py)."""
-    from ppo_helpers import make_world
+    from ppo_helpers import make_world_on_one_device
 
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return make_world(str(tmp_path_factory.mktemp("toy_world")), sft_epochs=20.0)
+    return make_world_on_one_device(str(tmp_path_factory.mktemp("toy_world")), sft_epochs=20.0)
 
 
 # The longest modules first: pytest-xdist hands out whole files in collection order, so a

@@ -111,7 +111,10 @@ def test_preempted_two_process_run_resumes_to_the_one_process_losses(tmp_path):
     of the job only (a preempted host). Both processes agree on one step (JAX's preemption
     service, via orbax), save it together and exit 0; the rerun resumes there, and every
     step's loss equals the 1-process run's."""
-    steps, single, multi = 40, tmp_path / "single", tmp_path / "multi"
+    # The signal goes once 2 steps are logged; measured alone, the job then saved step 7. 24
+    # steps leave room for a busier CPU; each step of the 2-process job costs ~0.4 s (its
+    # collectives go over localhost gRPC), so a longer run only adds time.
+    steps, single, multi = 24, tmp_path / "single", tmp_path / "multi"
     sent = []
 
     def preempt_process_1(procs):
