@@ -59,7 +59,7 @@ def make_world(root: str, sft_steps: int | None = None, rm_steps: int | None = N
 def make_world_on_one_device(root: str, **kwargs) -> tuple[str, str]:
     """`make_world` in a child process that has one CPU device. The pytest process forces 8
     (for the sharding tests), and on this 2-core CPU that slows a single-device run's steps by
-    ~15% (300 tiny_sft steps: 13.4-14.0 s against 11.4-11.8 s). It matters for the long runs:
+    ~15% (300 tiny_sft steps: 13.0-14.0 s against 11.3-11.9 s). It matters for the long runs:
     toy_world's 1000 SFT and 215 RM steps."""
     code = (f"import json, sys; sys.path[:0] = [{ROOT!r}, {TESTS!r}]; from ppo_helpers import make_world; "
             f"print(json.dumps(make_world({root!r}, **{kwargs!r})))")
