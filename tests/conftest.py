@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # the subprocesses too: they compile alike
 
 # Many tests run the same step with the same shapes in new jit closures (each driver run,
 # each subprocess, each pytest-xdist worker): a per-session persistent compilation cache

@@ -2,6 +2,7 @@
 trained toy reward model over it (LoRA + reward head)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -63,7 +64,8 @@ def make_world_on_one_device(root: str, **kwargs) -> tuple[str, str]:
     toy_world's 1000 SFT and 215 RM steps."""
     code = (f"import json, sys; sys.path[:0] = [{ROOT!r}, {TESTS!r}]; from ppo_helpers import make_world; "
             f"print(json.dumps(make_world({root!r}, **{kwargs!r})))")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=1".strip()}  # other flags kept
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"make_world({root!r}, {kwargs}) failed (rc={done.returncode}):\n{done.stderr[-4000:]}")

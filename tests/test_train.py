@@ -61,8 +61,7 @@ def _train_cmd(workdir, steps):
 
 def test_sigkill_then_resume_reaches_the_same_losses(tmp_path):
     steps = 8
-    # conftest sets float32 matmuls to "highest" in-process; the children must compile alike.
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+    env = {**os.environ, "PYTHONPATH": ROOT}  # conftest's matmul precision included
     os.chdir(ROOT)
     reference = _cfg(tmp_path / "full", steps)
     reference.checkpoint.every = 1
