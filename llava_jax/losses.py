@@ -5,9 +5,12 @@ autodiff through `log_softmax` + `take_along_axis` walks the [B, T, V] logits ab
 times. `head_cross_entropy` gives the same sums (loss, targets, argmax hits) for less:
 
 * Only positions with a target get logits. A stable sort moves each row's target positions
-  to the front; the head runs on the first M of every row, M the largest per-row target
-  count rounded up to T / `buckets` (a `lax.switch` over the buckets keeps shapes static).
-  Image, prompt and pad positions, often a fifth to a half of an SFT batch, cost nothing.
+  to the front; the head then runs over chunks of T / `buckets` sorted slots, one chunk per
+  iteration of a loop that stops after the largest per-row target count. Image, prompt and
+  pad positions, often a fifth to a half of an SFT batch, cost nothing; the compiler sees
+  one chunk's program (a `lax.switch` over every bucket size compiled T / chunk copies of
+  the head: twice the tiny SFT step's compile time); at most one chunk's [B, T / buckets, V]
+  logits are live at a time.
 * The loss is a plain sum, so its gradient w.r.t. the logits (softmax - onehot) is known in
   the forward pass. Under differentiation the forward pass also forms both head gradients,
   so no [B, M, V] array survives into the backward pass, and inputs that are not
@@ -52,55 +55,76 @@ def head_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, 
     """(sum of CE over next-token targets, number of targets, number the argmax gets right).
 
     hidden: final normed states [B, T, D]; kernel: the head [D, V], or with `tied` the
-    embedding [V, D]; labels [B, T] (-100: no target); weights [B] (0: item ignored).
+    embedding [V, D]; labels [B, T] (-100: no target); weights [B] (0: item ignored);
+    buckets: the sorted positions run in chunks of T / buckets (rounded up).
     """
     targets, mask = next_token_targets(labels, weights)
     t = hidden.shape[1]
     chunk = -(-t // max(1, min(buckets, t)))
     order = jnp.argsort(~mask, axis=1, stable=True)  # target positions first, in order
-    bucket = -(-jnp.max(jnp.sum(mask, axis=1)) // chunk)
+    chunks = -(-jnp.max(jnp.sum(mask, axis=1)) // chunk)
     ce, correct = _fused(chunk, tied, jnp.dtype(dtype).name, hidden, kernel, targets, mask, order,
-                         bucket.astype(jnp.int32))
+                         chunks.astype(jnp.int32))
     return ce, jnp.sum(mask).astype(jnp.float32), correct
 
 
-def _bucket(m: int, tied: bool, dtype: str, want_dh: bool, want_dw: bool,
-            hidden, kernel, targets, mask, order) -> tuple:
-    """ce, correct (and dh [B, T, D], dw like kernel when wanted) over the first m sorted rows."""
-    b, t, d = hidden.shape
-    zero = jnp.zeros((), jnp.float32)
-    if m == 0:
-        return (zero, zero) + ((jnp.zeros_like(hidden),) if want_dh else ()) + \
-            ((jnp.zeros_like(kernel),) if want_dw else ())
-    rows = order[:, :m]
+def _chunk_terms(rows, tied: bool, dtype: str, want_grads: bool, hidden, w, targets, mask) -> tuple:
+    """ce, correct (and the logits' gradient [B, C, V], the gathered states [B, C, D] when
+    wanted) of the positions `rows` [B, C] (masked where `mask` [B, C] is False)."""
     hs = jnp.take_along_axis(hidden, rows[..., None], axis=1).astype(dtype)
     ts = jnp.take_along_axis(targets, rows, axis=1)
-    ms = jnp.take_along_axis(mask, rows, axis=1)
-    w = kernel.astype(dtype)
-    spec = "bmd,vd->bmv" if tied else "bmd,dv->bmv"
-    logits = jnp.einsum(spec, hs, w).astype(jnp.float32)
+    logits = jnp.einsum("bmd,vd->bmv" if tied else "bmd,dv->bmv", hs, w).astype(jnp.float32)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
     top = jnp.max(logits, axis=-1, keepdims=True)
     shifted = logits - top
     log_sum = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
-    safe = jnp.where(ms, ts, 0)[..., None]
+    safe = jnp.where(mask, ts, 0)[..., None]
     target_shifted = jnp.take_along_axis(shifted, safe, axis=-1)
-    ce = -jnp.sum(jnp.where(ms, (target_shifted - log_sum)[..., 0], 0.0))  # -log p(target)
-    correct = _argmax_hits(logits, shifted, target_shifted[..., 0] == 0.0, ts, ms)
-    out = (ce, correct)
-    if want_dh or want_dw:
-        vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-        dlogits = jnp.exp(shifted - log_sum) - (vocab == safe).astype(jnp.float32)  # softmax - onehot
-        dlogits = jnp.where(ms[..., None], dlogits, 0.0).astype(dtype)
+    ce = -jnp.sum(jnp.where(mask, (target_shifted - log_sum)[..., 0], 0.0))  # -log p(target)
+    correct = _argmax_hits(logits, shifted, target_shifted[..., 0] == 0.0, ts, mask)
+    if not want_grads:
+        return ce, correct
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+    dlogits = jnp.exp(shifted - log_sum) - (vocab == safe).astype(jnp.float32)  # softmax - onehot
+    return ce, correct, jnp.where(mask[..., None], dlogits, 0.0).astype(dtype), hs
+
+
+def _chunked(chunk, tied, dtype, want_dh, want_dw, hidden, kernel, targets, mask, order, chunks) -> tuple:
+    """ce, correct (and dh [B, T, D], dw like kernel when wanted) over the first `chunks`
+    chunks of sorted positions, one chunk per loop iteration."""
+    b, t, d = hidden.shape
+    padded = -(-t // chunk) * chunk  # the last chunk may reach past T: its extra slots are masked
+    order = jnp.pad(order, ((0, 0), (0, padded - t)))
+    sorted_mask = jnp.pad(jnp.take_along_axis(mask, order[:, :t], axis=1), ((0, 0), (0, padded - t)))
+    w = kernel.astype(dtype)
+    zero = jnp.zeros((), jnp.float32)
+    carry = {"ce": zero, "correct": zero}
+    if want_dh:  # the states' gradient in sorted order; unsorted once after the loop
+        carry["dh"] = jnp.zeros((b, padded, d), hidden.dtype)
+    if want_dw:  # summed over chunks in float32
+        carry["dw"] = jnp.zeros(kernel.shape, jnp.float32)
+
+    def body(k, carry):
+        rows = jax.lax.dynamic_slice_in_dim(order, k * chunk, chunk, axis=1)
+        ms = jax.lax.dynamic_slice_in_dim(sorted_mask, k * chunk, chunk, axis=1)
+        out = _chunk_terms(rows, tied, dtype, want_dh or want_dw, hidden, w, targets, ms)
+        new = {"ce": carry["ce"] + out[0], "correct": carry["correct"] + out[1]}
+        if want_dh:
+            dhs = jnp.einsum("bmv,vd->bmd" if tied else "bmv,dv->bmd", out[2], w).astype(hidden.dtype)
+            new["dh"] = jax.lax.dynamic_update_slice_in_dim(carry["dh"], dhs, k * chunk, axis=1)
+        if want_dw:
+            spec = "bmv,bmd->vd" if tied else "bmd,bmv->dv"
+            operands = (out[2], out[3]) if tied else (out[3], out[2])
+            new["dw"] = carry["dw"] + jnp.einsum(spec, *operands, preferred_element_type=jnp.float32)
+        return new
+
+    carry = jax.lax.fori_loop(0, chunks, body, carry)
+    out = (carry["ce"], carry["correct"])
     if want_dh:
-        dhs = jnp.einsum("bmv,vd->bmd" if tied else "bmv,dv->bmd", dlogits, w)
-        if m < t:
-            dhs = jnp.concatenate([dhs, jnp.zeros((b, t - m, d), dhs.dtype)], axis=1)
-        back = jnp.argsort(order, axis=1)  # sorted slot of each position
-        out += (jnp.take_along_axis(dhs, back[..., None], axis=1).astype(hidden.dtype),)
+        back = jnp.argsort(order[:, :t], axis=1)  # sorted slot of each position
+        out += (jnp.take_along_axis(carry["dh"], back[..., None], axis=1),)
     if want_dw:
-        dw = jnp.einsum("bmv,bmd->vd", dlogits, hs) if tied else jnp.einsum("bmd,bmv->dv", hs, dlogits)
-        out += (dw.astype(kernel.dtype),)
+        out += (carry["dw"].astype(kernel.dtype),)
     return out
 
 
@@ -127,23 +151,16 @@ def _argmax_hits(logits, shifted, target_on_top, targets, mask) -> jax.Array:
     return hits + jax.lax.cond(jnp.any(tied), tie_hits, lambda _: jnp.zeros((), jnp.float32), (logits, targets, tied))
 
 
-def _switch(chunk, tied, dtype, want_dh, want_dw, hidden, kernel, targets, mask, order, bucket):
-    t = hidden.shape[1]
-    sizes = [min(k * chunk, t) for k in range(-(-t // chunk) + 1)]
-    branches = [functools.partial(_bucket, m, tied, dtype, want_dh, want_dw) for m in sizes]
-    return jax.lax.switch(bucket, branches, hidden, kernel, targets, mask, order)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused(chunk, tied, dtype, hidden, kernel, targets, mask, order, bucket):
-    return _switch(chunk, tied, dtype, False, False, hidden, kernel, targets, mask, order, bucket)
+def _fused(chunk, tied, dtype, hidden, kernel, targets, mask, order, chunks):
+    return _chunked(chunk, tied, dtype, False, False, hidden, kernel, targets, mask, order, chunks)
 
 
-def _fused_fwd(chunk, tied, dtype, hidden, kernel, targets, mask, order, bucket):
+def _fused_fwd(chunk, tied, dtype, hidden, kernel, targets, mask, order, chunks):
     # symbolic_zeros: each argument arrives as (value, perturbed); unperturbed ones need no gradient.
     want_dh, want_dw = hidden.perturbed, kernel.perturbed
-    out = _switch(chunk, tied, dtype, want_dh, want_dw, hidden.value, kernel.value, targets.value, mask.value,
-                  order.value, bucket.value)
+    out = _chunked(chunk, tied, dtype, want_dh, want_dw, hidden.value, kernel.value, targets.value, mask.value,
+                   order.value, chunks.value)
     grads = list(out[2:])
     dh = grads.pop(0) if want_dh else None
     dw = grads.pop(0) if want_dw else None
