@@ -34,9 +34,9 @@ def toy_world(tmp_path_factory) -> tuple[str, str]:
     """The README's chain with a shorter SFT, once per session: tiny_sft for 20 epochs (30
     configured), then tiny_rm as configured over it; (SFT model dir, RM adapter dir),
     metrics.jsonl beside each. Over seeds 0-2 the SFT model still sees and hallucinates
-    (recall 0.87-0.90, hallucinating describe answers 0.38-0.48) and the RM ranks
-    0.93 / 0.97 / 0.95 of the held-out pairs (tests/test_toy_rlhf.py; last measured at 0a54586,
-    on a CPU whose float rounding gave 0.96 / 0.96 / 0.93 before)."""
+    (recall 0.86-0.90, hallucinating describe answers 0.41-0.47) and the RM ranks
+    0.93 / 0.93 / 0.94 of the held-out pairs (tests/test_toy_rlhf.py; measured after the
+    chunked head loss, whose float rounding differs: 0.93 / 0.97 / 0.95 before)."""
     from ppo_helpers import make_world_on_one_device
 
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

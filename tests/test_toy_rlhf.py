@@ -22,7 +22,7 @@ def _metrics(workdir) -> list[dict]:
 def test_tiny_rm_reaches_90_percent_held_out_accuracy(toy_world):
     """tiny_rm as configured, over the (shorter) tiny SFT model: held-out pairs (new scenes
     whose rejected answer names a shape the image lacks, or leaves one out, or evades) ranked
-    right >= 90% (0.93 / 0.97 / 0.95 at seeds 0 / 1 / 2; over the full tiny_sft 0.95-0.98,
+    right >= 90% (0.93 / 0.93 / 0.94 at seeds 0 / 1 / 2; over the full tiny_sft 0.95-0.98,
     README); the adapter + reward head exported. tiny_sft lowered its loss on the way."""
     from llava_jax.model_ckpt import ADAPTER_FORMAT
 
@@ -52,8 +52,8 @@ def test_ppo_lowers_held_out_hallucination_without_collapse(toy_world, tmp_path)
     assert sft["n"] == ppo["n"] == 256  # 64 held-out images x 4 describe prompts
     assert sft["hallucinating_answers"] >= 0.25, sft  # the SFT policy learnt the flaw
     assert sft["recall"] >= 0.8, sft  # ... and can see
-    # Seeds 0 / 1 / 2 of this chain: 0.383 -> 0.063, 0.418 -> 0.141, 0.477 -> 0.086 (recall
-    # 0.904 -> 0.882, 0.892 -> 0.838, 0.868 -> 0.870), measured at 0a54586.
+    # Seeds 0 / 1 / 2 of this chain: 0.422 -> 0.070, 0.414 -> 0.008, 0.473 -> 0.090 (recall
+    # 0.898 -> 0.886, 0.894 -> 0.900, 0.860 -> 0.840), measured after the chunked head loss.
     assert ppo["hallucinating_answers"] <= 0.5 * sft["hallucinating_answers"], (sft, ppo)
     assert ppo["recall"] >= 0.9 * sft["recall"], (sft, ppo)
     assert ppo["mean_length"] >= 0.6 * sft["mean_length"] and ppo["no_object_share"] < 0.1, (sft, ppo)
@@ -64,6 +64,7 @@ def test_ppo_lowers_held_out_hallucination_without_collapse(toy_world, tmp_path)
             assert all(os.path.isfile(os.path.join("data", "toy", "images", row["image"])) for row in rows)
     rows = _metrics(tmp_path / "ppo")
     rates, scores = [r["hallucination_rate"] for r in rows], [r["rm_score"] for r in rows]
-    assert np.mean(rates[:2]) > np.mean(rates[-4:]) + 0.2, rates  # the rollouts' own rate falls too
+    # The rollouts' own rate falls too: by 0.25 / 0.54 / 0.48 at seeds 0 / 1 / 2 (small noisy batches).
+    assert np.mean(rates[:2]) > np.mean(rates[-4:]) + 0.2, rates
     assert np.mean(scores[-4:]) > np.mean(scores[:2]) + 1.0, scores  # ... as the reward model's score rises
     assert max(r["kl"] for r in rows) < 10.0, [r["kl"] for r in rows]  # near the SFT policy
