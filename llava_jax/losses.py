@@ -8,7 +8,7 @@ times. `head_cross_entropy` gives the same sums (loss, targets, argmax hits) for
   to the front; the head then runs over chunks of T / `buckets` sorted slots, one chunk per
   iteration of a loop that stops after the largest per-row target count. Image, prompt and
   pad positions, often a fifth to a half of an SFT batch, cost nothing; the compiler sees
-  one chunk's program (a `lax.switch` over every bucket size compiled T / chunk copies of
+  one chunk's program (a `lax.switch` over every bucket size compiled T / chunk + 1 copies of
   the head: twice the tiny SFT step's compile time); at most one chunk's [B, T / buckets, V]
   logits are live at a time.
 * The loss is a plain sum, so its gradient w.r.t. the logits (softmax - onehot) is known in
