@@ -64,6 +64,24 @@ def test_tokenizer_fits_the_tiny_model():
     assert 0 not in tok.encode("An unseen word: zebra-crossing 42!")  # every ASCII character has a piece
 
 
+def test_toy_tokenizer_loads_as_autotokenizer_would_without_torch():
+    """The toy tokenizer names the generic class: load_tokenizer builds it directly, the class
+    AutoTokenizer picks, with the same ids, and without importing torch (a fresh process)."""
+    import subprocess
+    import sys
+
+    path = os.path.join(TOY_DIR, "tokenizer")
+    auto, tok = AutoTokenizer.from_pretrained(path), load_tokenizer(path)
+    assert type(tok.hf) is type(auto) and tok.hf.special_tokens_map == auto.special_tokens_map
+    texts = [t["value"] for r in build_world()["sft"][:100] for t in r["conversations"]]
+    assert [tok.encode(t) for t in texts] == [auto.encode(t, add_special_tokens=False) for t in texts]
+    code = ("import sys; from llava_jax.data import load_tokenizer; "
+            f"load_tokenizer({path!r}); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.dirname(TOY_DIR)))
+    assert done.stdout.split()[-1] == "False", done.stdout + done.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def setup():
     tok = load_tokenizer(os.path.join(TOY_DIR, "tokenizer"))

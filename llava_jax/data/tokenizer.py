@@ -2,7 +2,8 @@
 
 The data pipeline needs only four things from a tokenizer: encode a piece of text WITHOUT
 adding BOS, decode, and the BOS / EOS / PAD ids. `HFTokenizer` adapts any HF tokenizer
-loaded from a local directory (`AutoTokenizer.from_pretrained(path)`, never a download).
+loaded from a local directory (`AutoTokenizer.from_pretrained(path)`, never a download; the
+generic tokenizers-backed class, e.g. the toy tokenizer's, directly: see `GENERIC_CLASSES`).
 
 Conversations are encoded piece by piece (see `templates.py`), so a tokenizer must treat the
 start of every piece as the start of a word: true for sentencepiece / LLaMA tokenizers (they
@@ -10,8 +11,17 @@ prepend "▁") and for the bundled toy tokenizer (Metaspace pre-tokenizer, prepe
 """
 from __future__ import annotations
 
+import json
+import os
 import threading
 from typing import Any, Protocol, Sequence, runtime_checkable
+
+
+# tokenizer_config.json classes that name transformers' generic tokenizers-backed class (one
+# class under two names). AutoTokenizer resolves them to that same class, but importing it
+# imports transformers' model configs and, where installed, torch: ~2 s of every driver's
+# start (each test subprocess, each host of a pod) for nothing.
+GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 @runtime_checkable
@@ -52,6 +62,10 @@ class HFTokenizer:
     @classmethod
     def from_pretrained(cls, path: str) -> "HFTokenizer":
         """Loads a tokenizer from a LOCAL directory (never contacts a hub)."""
+        if tokenizer_class(path) in GENERIC_CLASSES and os.path.isfile(os.path.join(path, "tokenizer.json")):
+            from transformers import TokenizersBackend
+
+            return cls(TokenizersBackend.from_pretrained(path, local_files_only=True))
         from transformers import AutoTokenizer
 
         return cls(AutoTokenizer.from_pretrained(path, local_files_only=True))
@@ -67,6 +81,17 @@ class HFTokenizer:
 
     def __len__(self) -> int:
         return len(self.hf)
+
+
+def tokenizer_class(path: str) -> str | None:
+    """The `tokenizer_class` a tokenizer directory's tokenizer_config.json names, or None
+    (no or unreadable file: AutoTokenizer then gives its own error or guess)."""
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config.get("tokenizer_class") if isinstance(config, dict) else None
 
 
 def load_tokenizer(path: str) -> HFTokenizer:
