@@ -45,19 +45,21 @@ def test_cached_decode_logits_equal_full_forward(world):
     follow = np.random.RandomState(1).randint(3, 90, size=(b, steps))
     full_ids = np.concatenate([ids, follow], 1)
     full_mask = np.concatenate([mask, np.ones_like(follow)], 1)
-    full = np.asarray(lora.forward(config, base, None, full_ids, pixels, full_mask))
+    # Jitted: op by op, every primitive of every call compiles on its own (slow).
+    forward = jax.jit(lora.forward, static_argnums=0, static_argnames="method")
+    full = np.asarray(forward(config, base, None, full_ids, pixels, full_mask))
 
     cache = init_cache(config.text, b, tp + steps, jnp.float32)
     kv_mask = np.concatenate([mask, np.zeros((b, steps), mask.dtype)], 1)
     pos = positions_from_mask(jnp.asarray(mask))
-    hidden, cache = lora.forward(config, base, None, ids, pixels, kv_mask, method="hidden", positions=pos,
-                                 cache=cache, cache_index=0)
-    got = [np.asarray(lora.forward(config, base, None, hidden, method="logits"))[:, -1]]
+    hidden, cache = forward(config, base, None, ids, pixels, kv_mask, method="hidden", positions=pos,
+                            cache=cache, cache_index=0)
+    got = [np.asarray(forward(config, base, None, hidden, method="logits"))[:, -1]]
     for t in range(steps - 1):
         kv_mask[:, tp + t] = 1
-        hidden, cache = lora.forward(config, base, None, follow[:, t:t + 1], None, kv_mask, method="hidden",
-                                     positions=pos[:, -1:] + 1 + t, cache=cache, cache_index=tp + t)
-        got.append(np.asarray(lora.forward(config, base, None, hidden, method="logits"))[:, 0])
+        hidden, cache = forward(config, base, None, follow[:, t:t + 1], None, kv_mask, method="hidden",
+                                positions=pos[:, -1:] + 1 + t, cache=cache, cache_index=tp + t)
+        got.append(np.asarray(forward(config, base, None, hidden, method="logits"))[:, 0])
     for t, logits in enumerate(got):
         assert tiny_hf.rel_error(logits, full[:, tp - 1 + t]) <= 1e-5, t
 
