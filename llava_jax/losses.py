@@ -94,8 +94,9 @@ def _chunked(chunk, tied, dtype, want_dh, want_dw, hidden, kernel, targets, mask
     chunks of sorted positions, one chunk per loop iteration."""
     b, t, d = hidden.shape
     padded = -(-t // chunk) * chunk  # the last chunk may reach past T: its extra slots are masked
+    # `order` puts each row's targets first, so sorted slot j holds a target iff j < the row's count.
+    sorted_mask = jnp.arange(padded)[None] < jnp.sum(mask, axis=1, keepdims=True)
     order = jnp.pad(order, ((0, 0), (0, padded - t)))
-    sorted_mask = jnp.pad(jnp.take_along_axis(mask, order[:, :t], axis=1), ((0, 0), (0, padded - t)))
     w = kernel.astype(dtype)
     zero = jnp.zeros((), jnp.float32)
     carry = {"ce": zero, "correct": zero}

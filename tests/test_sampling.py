@@ -45,7 +45,7 @@ def test_cached_decode_logits_equal_full_forward(world):
     follow = np.random.RandomState(1).randint(3, 90, size=(b, steps))
     full_ids = np.concatenate([ids, follow], 1)
     full_mask = np.concatenate([mask, np.ones_like(follow)], 1)
-    # Jitted: op by op, every primitive of every call compiles on its own (slow).
+    # Jitted, as the sampler runs it (op by op, every primitive of every call would compile on its own).
     forward = jax.jit(lora.forward, static_argnums=0, static_argnames="method")
     full = np.asarray(forward(config, base, None, full_ids, pixels, full_mask))
 
