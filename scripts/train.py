@@ -31,6 +31,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint phase at INFO
     import jax
 
+    from llava_jax.platforms import skip_absent_tpu
+
+    skip_absent_tpu()  # before any backend starts: no libtpu probe (and its stderr trace) without a TPU
+
     if FLAGS.coordinator:
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     elif os.environ.get("LLAVA_JAX_DISTRIBUTED"):
