@@ -19,11 +19,17 @@ times. `head_cross_entropy` gives the same sums (loss, targets, argmax hits) for
 The arithmetic per token mirrors `jax.nn.log_softmax` (shift by the max, subtract the log of
 the summed exponentials) and the head matmul runs in the model's compute dtype, as in
 `Llama.logits`; float32 results match the unfused loss to rounding.
+
+`token_logprobs` is the PPO counterpart: the log-prob of a given token and the entropy at
+every position, not a sum, so the cotangent per token is only known in the backward pass.
+It runs the head over position chunks in a `lax.map` whose chunk function is rematerialised
+(`jax.checkpoint`): the backward pass recomputes one chunk's logits at a time, and no
+[B, N, V] array is live in either pass.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -66,6 +72,37 @@ def head_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, 
     ce, correct = _fused(chunk, tied, jnp.dtype(dtype).name, hidden, kernel, targets, mask, order,
                          chunks.astype(jnp.int32))
     return ce, jnp.sum(mask).astype(jnp.float32), correct
+
+
+def token_logprobs(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array, tokens: jax.Array, *,
+                   temperature: float = 1.0, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+    """(log p(tokens) [B, N], entropy [B, N]) under log_softmax(logits_fn(hidden) / temperature).
+
+    logits_fn: the LM head, states [B, C, D] -> logits [B, C, V] (any params it closes over
+    get gradients); hidden [B, N, D]; tokens [B, N]; chunk: positions per head call (the last
+    chunk is padded). The log-probs are differentiable; the entropy is a metric and carries
+    no gradient, so the backward pass never forms its [B, C, V] terms.
+    """
+    b, n, d = hidden.shape
+    chunk = max(1, min(chunk, n))
+    k = -(-n // chunk)
+    pad = k * chunk - n  # padded positions read token 0 of zero states; sliced off below
+    hs = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, k, chunk, d).swapaxes(0, 1)
+    ts = jnp.pad(tokens, ((0, 0), (0, pad))).reshape(b, k, chunk).swapaxes(0, 1)
+
+    # Without the remat the map would keep every chunk's softmax for the backward pass: the
+    # full [B, N, V] again. prevent_cse is only needed outside loops.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def one_chunk(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        h, t = xs
+        logp_all = jax.nn.log_softmax(logits_fn(h).astype(jnp.float32) / temperature, axis=-1)
+        logp = jnp.take_along_axis(logp_all, t[..., None], axis=-1)[..., 0]
+        entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+        return logp, jax.lax.stop_gradient(entropy)
+
+    logp, entropy = jax.lax.map(one_chunk, (hs, ts))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(b, k * chunk)[:, :n]  # noqa: E731
+    return unchunk(logp), unchunk(entropy)
 
 
 def _chunk_terms(rows, tied: bool, dtype: str, want_grads: bool, hidden, w, targets, mask) -> tuple:

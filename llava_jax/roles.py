@@ -19,7 +19,12 @@ import jax.numpy as jnp
 
 from llava_jax import heads
 from llava_jax.lora import Adapter, LoraConfig, forward
+from llava_jax.losses import token_logprobs
 from llava_jax.models.llava import LlavaConfig
+
+# Response positions per LM-head call in `response_logprobs`: at the 13B recipe's 896 positions
+# and 32000 words, 7 chunks whose float32 logits are 1/7 of the whole.
+LOGPROB_CHUNK = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +63,15 @@ def _response_hidden(config: LlavaConfig, base: dict, adapter: Adapter, query_id
 def response_logprobs(spec: PPOSpec, base: dict, adapter_params: dict, batch: dict,
                       features: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(log-probs of the response tokens [B, N], entropy of each step's distribution [B, N])
-    under log_softmax(logits / temperature), for the policy or the reference policy."""
+    under log_softmax(logits / temperature), for the policy or the reference policy.
+
+    The head runs over LOGPROB_CHUNK positions at a time (losses.token_logprobs), so the
+    [B, N, vocab] float32 logits are never whole; the entropy is a metric (no gradient)."""
     adapter = Adapter(adapter_params, spec.policy_lora)
     hidden = _response_hidden(spec.policy_config, base, adapter, batch["query_ids"], batch["query_mask"],
                               batch["response"], batch["response_mask"], features)
-    logits = forward(spec.policy_config, base, adapter, hidden, method="logits").astype(jnp.float32)
-    logp_all = jax.nn.log_softmax(logits / spec.temperature, axis=-1)
-    logp = jnp.take_along_axis(logp_all, batch["response"][..., None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    return logp, entropy
+    head = lambda h: forward(spec.policy_config, base, adapter, h, method="logits")  # noqa: E731
+    return token_logprobs(head, hidden, batch["response"], temperature=spec.temperature, chunk=LOGPROB_CHUNK)
 
 
 def response_values(spec: PPOSpec, base: dict, adapter_params: dict, head: dict, batch: dict,
