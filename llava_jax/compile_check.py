@@ -4,7 +4,9 @@ Everything is abstract: parameters are `jax.eval_shape` trees (no weights), ever
 is a `ShapeDtypeStruct` carrying its `NamedSharding`, and each step is
 `jax.jit(...).lower(...).compile()`-d for the requested mesh (`compile_report.py` reads
 the result). The mesh is either a TPU slice's compile-only devices (`targets.py`: the real
-TPU compiler, whose figures and out-of-memory refusals are what the chips will do), or
+TPU compiler, whose figures and out-of-memory refusals are what the chips will do), a GPU
+host's compile-only devices (`targets.py`: XLA's CUDA compiler for sm_90, which compiles any
+size, so fitting is our total against the device memory), or
 forced host CPU devices (`--xla_force_host_platform_device_count`): XLA:CPU's buffer
 assignment for the real shardings, an estimate only (other fusions and layouts, bf16 dots
 in f32, no flash attention).

@@ -3,6 +3,7 @@
 
   python scripts/compile_check.py --config configs/sft_13b.py --target tpu-v5p-8      # the TPU compiler (.[tpu])
   python scripts/compile_check.py --config configs/ppo_13b.py --target tpu-v5e-16x2 --mesh data=2,fsdp=16
+  python scripts/compile_check.py --config configs/sft_13b.py --target h100-8     # the CUDA compiler (.[gpu])
   python scripts/compile_check.py --config configs/ppo_13b.py --mesh data=1,fsdp=8,tensor=1   # forced CPU devices
   python scripts/compile_check.py --config configs/sft_13b.py --mesh fsdp=8 --device-memory 16GiB
   python scripts/compile_check.py --config configs/sft_13b.py --mesh fsdp=8 --layers 2   # depth vs compile time
@@ -12,6 +13,13 @@ No weights are read or created: params are `jax.eval_shape` trees, arguments are
 ShapeDtypeStructs, each step is lowered and compiled for the mesh, and the table shows
 per-device params, optimiser state, batch + outputs, temporaries (activations) and their
 total against the device memory.
+
+`--target h100-8 | h200-8 | h100-1 | h100-8x2` compiles for hosts of NVIDIA GPUs with XLA's
+CUDA compiler (JAX's CUDA plugin: `pip install -c constraints.txt -e '.[gpu]'`; no GPU or
+driver needed): the figures are the GPU buffer assignment, but the GPU compiler compiles a
+program of any size, so "fits" compares the per-device total with the device memory (79.2 GiB
+on an H100, 141 GiB on an H200; JAX preallocates 75% of it unless XLA_PYTHON_CLIENT_MEM_FRACTION
+says otherwise).
 
 `--target tpu-<v4|v5e|v5p|v6e>-<size>[x<slices>]` compiles for that TPU slice with the real
 TPU compiler (libtpu: `pip install -e '.[tpu]'`; no TPU needed): the figures are what the
@@ -40,8 +48,9 @@ sys.path.insert(0, ROOT)
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="config file (configs/*.py)")
-    p.add_argument("--target", default="cpu", help="cpu (forced host devices) or a TPU slice: tpu-v5e-8, tpu-v4-16, "
-                   "tpu-v5p-8, tpu-v6e-8, tpu-v5e-16x2 (2 slices)")
+    p.add_argument("--target", default="cpu", help="cpu (forced host devices), a TPU slice: tpu-v5e-8, tpu-v4-16, "
+                   "tpu-v5p-8, tpu-v6e-8, tpu-v5e-16x2 (2 slices), or GPU hosts: h100-8, h200-8, h100-1, "
+                   "h100-8x2 (2 hosts)")
     p.add_argument("--mesh", default=None, help="data=D,fsdp=F,tensor=T (default: the config's mesh on the devices)")
     p.add_argument("--devices", type=int, default=8, help="forced CPU devices when --mesh is absent or has a -1")
     p.add_argument("--device-memory", default=None,
@@ -62,13 +71,36 @@ def forced_devices(args: argparse.Namespace) -> int:
     return math.prod(sizes) if sizes and -1 not in sizes else args.devices
 
 
+# GEMMs through cuBLAS, not Triton, for GPU targets: without a GPU the compiler cannot autotune,
+# and its untuned Triton GEMM fusions fail to tile ("INTERNAL: Couldn't find output tile sizes
+# that satisfy hlo: ... dot(...)", jax 0.10.2: CLIP's o_proj in sft_step and rm_step). A GPU autotunes
+# between the two, so its fusions around the GEMMs (and their temporaries) may differ a little.
+GPU_NO_TRITON_GEMM = "--xla_gpu_enable_triton_gemm=false"
 TPU_ACCELERATOR_TYPES = {"v4": "v4-8", "v5e": "v5litepod-8", "v5p": "v5p-8", "v6e": "v6e-8"}
+
+
+def target_columns(target, devices: int, device_kind: str) -> tuple[dict, dict, str]:
+    """(memories, their column names, where it compiles) of a TPU or GPU target. The TPU
+    compiler refuses a program that does not fit; the GPU compiler compiles any size, so its
+    column is our per-device total against the device memory."""
+    from llava_jax import targets
+    from llava_jax.targets import GiB
+
+    memory = target.memory_bytes
+    if isinstance(target, targets.TpuTarget):
+        return ({target.name: memory}, {target.name: f"fits {target.name} ({memory / GiB:g} GiB, the compiler)"},
+                f"{devices} {device_kind} devices of {target.name} (the TPU compiler)")
+    return ({target.name: memory}, {target.name: f"fits {target.name} ({memory / GiB:.1f} GiB, total vs device)"},
+            f"{devices} {device_kind} devices of {target.name} (the CUDA compiler, sm_90, no GPU)")
 
 
 def main(argv: list[str] | None = None) -> None:
     args, overrides = parse_args(argv)
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={forced_devices(args)}".strip()
+    flags = f"{flags} --xla_force_host_platform_device_count={forced_devices(args)}"
+    if args.target.startswith(("h100", "h200")) and "xla_gpu_enable_triton_gemm" not in flags:
+        flags += f" {GPU_NO_TRITON_GEMM}"
+    os.environ["XLA_FLAGS"] = flags.strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     from llava_jax import compile_check as cc, compile_report, sharding, targets  # imports jax: after XLA_FLAGS
@@ -77,10 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         target = None if args.target == "cpu" else targets.parse_target(args.target)
         devices = None
-        if target is not None:
+        if isinstance(target, targets.TpuTarget):
             # Only silences libtpu's complaints about the (absent) TPU host; compiling needs neither.
             os.environ.setdefault("TPU_ACCELERATOR_TYPE", TPU_ACCELERATOR_TYPES[target.generation.name])
             os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        if target is not None:
             devices = targets.target_devices(target)
         cfg = load_config_file(args.config)
         cc.apply_overrides(cfg, overrides)
@@ -88,9 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         shape = cc.parse_mesh(args.mesh) if args.mesh else settings.mesh.shape
         mesh = sharding.make_mesh(shape, devices)
         if target is not None:
-            memories = {target.name: target.generation.hbm_bytes}
-            names = {target.name: f"fits {target.name} ({target.generation.hbm_bytes / cc.GiB:g} GiB, the compiler)"}
-            where = f"{mesh.size} {devices[0].device_kind} devices of {target.name} (the TPU compiler)"
+            memories, names, where = target_columns(target, mesh.size, devices[0].device_kind)
         else:
             memories = ({args.device_memory: cc.parse_bytes(args.device_memory)} if args.device_memory
                         else cc.DEVICE_MEMORY)
@@ -104,10 +135,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {e}")
     print(compile_report.format_table(reports, memories, names))
     if target is not None:
-        gen = target.generation
-        print(f"\nper device, at {gen.name}'s peak ({gen.peak_flops / 1e12:g} TFLOP/s bf16):")
-        print(compile_report.format_costs(reports, gen.peak_flops))
-    if any(r.error for r in reports):
+        kind = target.generation.name if isinstance(target, targets.TpuTarget) else target.model.name
+        print(f"\nper device, at {kind}'s peak ({target.peak_flops / 1e12:g} TFLOP/s bf16):")
+        print(compile_report.format_costs(reports, target.peak_flops))
+    too_big = isinstance(target, targets.GpuTarget) and not all(r.fits(target.memory_bytes) for r in reports)
+    if any(r.error for r in reports) or too_big:  # a GPU step over its memory fails as a refused TPU step does
         sys.exit(1)
 
 

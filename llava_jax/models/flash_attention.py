@@ -6,7 +6,8 @@ Causal self-attention with key padding, never materialising the [B, H, T, T] sco
   padding as segment ids (valid tokens segment 1, pads 0: a valid query sees only valid keys),
   the sequence padded up to the kernel's block. Run per device under `shard_map` (batch over
   data x fsdp, heads over tensor), as a Mosaic kernel cannot be partitioned by the compiler.
-* GPU: `jax.nn.dot_product_attention(implementation="cudnn")`, causal, with the key mask.
+* GPU: `jax.nn.dot_product_attention(implementation="cudnn")`, causal, with the key mask
+  (compiled for sm_90 from a CPU host by `compile_check --target h100-8`).
 * CPU: the splash kernel in Pallas interpret mode, for checking numerics against the XLA path
   (slow: not for training on CPU).
 
@@ -42,7 +43,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Arr
 def _cudnn(q, k, v, key_valid):
     groups = q.shape[2] // k.shape[1]
     k, v = (jnp.repeat(x, groups, axis=1).transpose(0, 2, 1, 3) for x in (k, v))  # [B, T, H, D]
-    mask = key_valid.astype(bool)[:, None, None, :]
+    b, t = key_valid.shape
+    # cuDNN takes the mask as a bias of the full [B, 1, T, T] (a [B, 1, 1, T] key mask stops the
+    # trace: "Bias must have same seq length as QKV"); one per batch row, not per head. Not
+    # seq lengths: those mean right padding, and these rows are left padded.
+    mask = jnp.broadcast_to(key_valid.astype(bool)[:, None, None, :], (b, 1, t, t))
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
 
 
