@@ -133,6 +133,13 @@ def merge(base: dict, adapter: Adapter) -> dict:
     return merged
 
 
+def merge_in_shards(base: dict, adapter: Adapter) -> dict:
+    """`merge` of a base laid out over a mesh (jax arrays), jitted so that each merged kernel is
+    computed and kept in its base kernel's shards: no device ever holds a whole layer stack."""
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, base)
+    return jax.jit(merge, out_shardings=shardings)(base, adapter)
+
+
 def check_adapter(base: dict, adapter: Adapter, name: str = "adapter") -> None:
     """Rank, targets and shapes of `adapter` against `base`; one clear error per mismatch."""
     expected = {path for path in target_paths(base, adapter.config)}

@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
 from llava_jax.files import ConversionError, atomic_output_dir
 from llava_jax.heads import init_head
 from llava_jax.lora import Adapter, LoraConfig, check_adapter, init_adapter
-from llava_jax.models.llava import LlavaConfig, init_params
+from llava_jax.models.llava import LlavaConfig, init_params, logical_axes
+from llava_jax.sharding import adapter_logical_axes, make_mesh, param_shardings, replicated, shardings_for
 from llava_jax.trainable import flat_leaves
 
 FORMAT = "llava_jax.model/1"
@@ -27,17 +29,18 @@ ADAPTER_FORMAT = "llava_jax.adapter/1"
 SAVE_CONCURRENT_GB = 1
 
 
-def _numpy_to_jax_in_place(tree: dict) -> None:
-    """Swaps numpy leaves for jax arrays one at a time, so each numpy copy is freed as we go.
+def _numpy_to_shards_in_place(tree: dict, shardings: dict) -> None:
+    """Swaps numpy leaves for jax arrays laid out by `shardings`, one leaf at a time, so each
+    numpy copy is freed as we go and no device ever holds more than its shard.
 
-    orbax stages numpy leaves through an extra host copy of the whole tree; jax leaves it
-    writes directly, which keeps a 13B conversion near one model copy of host memory.
+    orbax stages numpy leaves through an extra host copy of the whole tree; jax arrays it
+    writes shard by shard, which keeps a 13B conversion near one model copy of host memory.
     """
     for key, value in tree.items():
         if isinstance(value, dict):
-            _numpy_to_jax_in_place(value)
+            _numpy_to_shards_in_place(value, shardings[key])
         elif isinstance(value, np.ndarray):
-            tree[key] = jnp.asarray(value)
+            tree[key] = jax.device_put(value, shardings[key])
             del value
 
 
@@ -48,12 +51,17 @@ def _save_tree(directory: str, tree: Any) -> None:
 
 
 def _restore_tree(directory: str, expected: Any, what: str, dtype: Any = None, shardings: Any = None) -> Any:
-    """Restores an orbax tree after checking its keys and shapes against `expected`."""
+    """Restores an orbax tree after checking its keys and shapes against `expected`: into
+    `shardings` (each host reads and places only its own shards; casts to `dtype` happen
+    shard by shard), or as host numpy arrays when `shardings` is None. Never onto one device."""
     directory = os.path.abspath(directory)  # orbax needs absolute paths
     if not os.path.isdir(directory):
         raise ConversionError(f"{what}: missing {directory}")
     checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(directory).item_metadata
+    try:
+        metadata = checkpointer.metadata(directory).item_metadata
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise ConversionError(f"{directory} is not a readable orbax checkpoint ({type(e).__name__}: {e})") from None
     if metadata is None:
         raise ConversionError(f"{directory} is not a complete orbax checkpoint")
     stored, want = flat_leaves(metadata.tree), flat_leaves(expected)
@@ -64,20 +72,19 @@ def _restore_tree(directory: str, expected: Any, what: str, dtype: Any = None, s
     if problems:
         raise ConversionError(f"{what} does not match its config: " + "; ".join(problems[:20]))
 
-    def target(leaf, stored_leaf, sharding):
-        out_dtype = jnp.dtype(dtype) if dtype is not None else stored_leaf.dtype
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        return jax.ShapeDtypeStruct(leaf.shape, out_dtype, sharding=sharding)
+    def out_dtype(stored_leaf):
+        return jnp.dtype(dtype) if dtype is not None else stored_leaf.dtype
 
-    shard_tree = shardings if shardings is not None else jax.tree_util.tree_map(lambda _: None, expected)
-    abstract = jax.tree_util.tree_map(target, expected, metadata.tree, shard_tree, is_leaf=lambda x: x is None)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-    if shardings is None and jax.process_count() > 1:
-        # Every host reads the whole tree into host memory; the caller places its own shards
-        # (run_setup.place). A device of one host could neither hold a big base nor be
-        # addressed by the other hosts.
+    if shardings is None:
+        abstract = jax.tree_util.tree_map(lambda leaf, st: jax.ShapeDtypeStruct(leaf.shape, out_dtype(st)),
+                                          expected, metadata.tree)
         restore_args = jax.tree_util.tree_map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype),
                                               abstract)
+    else:
+        abstract = jax.tree_util.tree_map(
+            lambda leaf, st, sh: jax.ShapeDtypeStruct(leaf.shape, out_dtype(st), sharding=sh),
+            expected, metadata.tree, shardings)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
 
 
@@ -93,11 +100,13 @@ def _read_json(file: str, fmt: str, what: str) -> dict[str, Any]:
 
 def save_checkpoint(path: str, config: LlavaConfig, params: dict, *, overwrite: bool = False,
                     extra: dict[str, Any] | None = None) -> None:
-    """Writes config + params; `extra` (e.g. the HF source) goes into config.json.
-
-    numpy leaves of `params` are replaced in place by jax arrays (same values)."""
+    """Writes config + params; `extra` (e.g. the HF source) goes into config.json. Jax leaves
+    are written from their shards; numpy leaves of `params` are replaced in place by jax
+    arrays (same values) sharded over this host's devices by the model's logical axes."""
     path = os.path.abspath(path)
-    _numpy_to_jax_in_place(params)
+    if any(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params)):
+        mesh = make_mesh((1, -1, 1), jax.local_devices())
+        _numpy_to_shards_in_place(params, param_shardings(config, params, mesh))
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({"format": FORMAT, "llava": config.to_dict(), **(extra or {})}, f, indent=2)
@@ -118,12 +127,14 @@ def abstract_params(config: LlavaConfig) -> Any:
     return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
 
 
-def load_checkpoint(path: str, dtype: Any = None, shardings: Any = None) -> tuple[LlavaConfig, dict]:
-    """Reads (config, params). Leaves are jax arrays, cast to `dtype` when given and placed
-    with `shardings` (a pytree of jax.sharding.Sharding matching params) when given."""
+def load_checkpoint(path: str, dtype: Any = None, mesh: Mesh | None = None) -> tuple[LlavaConfig, dict]:
+    """Reads (config, params), cast to `dtype` when given. With `mesh`, leaves are jax arrays
+    restored straight into their shards (the model's logical axes over `mesh`, on one host as
+    on many); without, host numpy arrays."""
     config = load_config(path)
-    params = _restore_tree(os.path.join(path, "params"), abstract_params(config), f"checkpoint {path}",
-                           dtype, shardings)
+    abstract = abstract_params(config)
+    shardings = None if mesh is None else param_shardings(config, abstract, mesh)
+    params = _restore_tree(os.path.join(path, "params"), abstract, f"checkpoint {path}", dtype, shardings)
     config = config.with_runtime(param_dtype=np.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name)
     return config, params
 
@@ -159,17 +170,24 @@ def save_adapter(path: str, name: str, adapter: Adapter, head: dict | None = Non
     write_adapter_dir(os.path.join(path, "adapters", name), adapter, head, head_kind, overwrite=overwrite, extra=extra)
 
 
-def load_adapter(path: str, name: str, dtype: Any = None) -> tuple[Adapter, dict | None, str | None]:
+def load_adapter(path: str, name: str, dtype: Any = None, mesh: Mesh | None = None
+                 ) -> tuple[Adapter, dict | None, str | None]:
     """(adapter, head or None, head kind or None) of adapter NAME in checkpoint `path`."""
     directory = os.path.join(path, "adapters", name)
     if not os.path.isdir(directory):
         raise ConversionError(f"checkpoint {path} has no adapter {name!r} (has: {adapter_names(path) or 'none'})")
-    return load_adapter_dir(directory, abstract_params(load_config(path)), dtype)
+    config = load_config(path)
+    return load_adapter_dir(directory, abstract_params(config), dtype, mesh=mesh, config=config)
 
 
-def load_adapter_dir(directory: str, base: Any, dtype: Any = None) -> tuple[Adapter, dict | None, str | None]:
+def load_adapter_dir(directory: str, base: Any, dtype: Any = None, *, mesh: Mesh | None = None,
+                     config: LlavaConfig | None = None) -> tuple[Adapter, dict | None, str | None]:
     """An adapter directory (CKPT/adapters/NAME or a LoRA run's workdir/adapter), checked
-    against the base it will run over (`base`: params or their abstract shapes)."""
+    against the base it will run over (`base`: params or their abstract shapes). With `mesh`
+    (and the base's `config`), restored into the shardings of the layers it adapts (heads
+    replicated); without, host numpy arrays."""
+    if mesh is not None and config is None:
+        raise ValueError("load_adapter_dir: a mesh needs the base's config (its logical axes)")
     if not os.path.isdir(directory):
         raise ConversionError(f"adapter directory {directory} does not exist")
     meta = _read_json(os.path.join(directory, "adapter.json"), ADAPTER_FORMAT, "adapter")
@@ -180,10 +198,15 @@ def load_adapter_dir(directory: str, base: Any, dtype: Any = None) -> tuple[Adap
         expected = jax.eval_shape(lambda: init_adapter(base, lora, jax.random.PRNGKey(0)).params)
     except ValueError as e:
         raise ConversionError(f"{what} does not fit its base: {e}") from None
-    params = _restore_tree(os.path.join(directory, "lora"), expected, what, dtype)
+    lora_sh = head_sh = None
+    if mesh is not None:
+        lora_sh = shardings_for(expected, adapter_logical_axes(expected, logical_axes(config)), mesh)
+    params = _restore_tree(os.path.join(directory, "lora"), expected, what, dtype, lora_sh)
     head = None
     if meta.get("head"):
         hidden = base["llm"]["norm"]["scale"].shape[0]
-        head = _restore_tree(os.path.join(directory, "head"), jax.eval_shape(
-            lambda: init_head("value", hidden)), f"{what} head", dtype)
+        head_shape = jax.eval_shape(lambda: init_head("value", hidden))
+        if mesh is not None:
+            head_sh = jax.tree_util.tree_map(lambda _: replicated(mesh), head_shape)
+        head = _restore_tree(os.path.join(directory, "head"), head_shape, f"{what} head", dtype, head_sh)
     return Adapter(params, lora), head, meta.get("head")

@@ -55,7 +55,7 @@ def run_ppo(s: RunSettings) -> dict:
     validate(s, jax.process_count(), jax.device_count())
     p = s.ppo
     mesh = run_setup.make_mesh(s)
-    spec, params, frozen = ppo_setup.load_roles(s)
+    spec, params, frozen = ppo_setup.load_roles(s, mesh)
     loader, tokenizer, prompt = build_prompts(s, spec)
     chunks_per_step = p.rollout_batch // p.chunk
     # The original's count: prompts x epochs // rollout_batch (a partial last rollout batch is not run).
@@ -73,8 +73,8 @@ def run_ppo(s: RunSettings) -> dict:
     state_shape = run_setup.abstract_state(s, params, optimizer)
     state_sh = ppo_setup.state_shardings(spec, state_shape, mesh)
     ckpt = run_setup.open_checkpoints(s)
-    state, extras, loader_state, latest = run_setup.init_or_restore(s, ckpt, params, optimizer, state_shape,
-                                                                    state_sh, {"kl_coef": float(p.kl_coef)})
+    state, extras, loader_state, latest = run_setup.init_or_restore(s, ckpt, lambda t: t, (params,), optimizer,
+                                                                    state_shape, state_sh, {"kl_coef": float(p.kl_coef)})
     if loader_state is not None:
         loader.restore(loader_state)
     kl_coef = extras["kl_coef"]
@@ -146,12 +146,12 @@ def evaluate_toy(s: RunSettings, spec: roles.PPOSpec, state: Any, frozen: dict, 
     world: prints the before/after table, writes workdir/eval/."""
     from llava_jax.toy_eval import compare, format_table
 
-    base = jax.device_get(frozen["policy_base"])
-    policies = [("sft", lora_lib.Adapter(jax.device_get(frozen["ref"]), spec.policy_lora)),
-                ("ppo", lora_lib.Adapter(jax.device_get(state.params["policy"]), spec.policy_lora))]
+    mesh = jax.tree_util.tree_leaves(frozen["policy_base"])[0].sharding.mesh
+    policies = [("sft", lora_lib.Adapter(frozen["ref"], spec.policy_lora)),
+                ("ppo", lora_lib.Adapter(state.params["policy"], spec.policy_lora))]
     out = os.path.join(s.workdir, "eval")
-    summary = compare([(name, spec.policy_config, base, adapter) for name, adapter in policies], tokenizer,
-                      s.eval.toy_dir, out, s.ppo.response_len, s.eval.batch_size)
+    summary = compare([(name, spec.policy_config, frozen["policy_base"], adapter) for name, adapter in policies],
+                      tokenizer, s.eval.toy_dir, out, s.ppo.response_len, s.eval.batch_size, mesh=mesh)
     print(f"held-out evaluation on {s.eval.toy_dir} (answers and summary.json in {out}):")
     print(format_table(summary))
     return summary
@@ -178,9 +178,12 @@ def export_policy(s: RunSettings, spec: roles.PPOSpec, state: Any, frozen: dict)
     if s.ppo.export_merged:
         from llava_jax.convert import export_hf
 
-        base = jax.device_get(frozen["policy_base"])
-        export_hf(spec.policy_config, lora_lib.merge(base, policy), os.path.join(s.workdir, "hf_merged"),
+        # merged on the devices, shard by shard; export_hf then brings it to the host leaf by leaf
+        merged = lora_lib.merge_in_shards(frozen["policy_base"], lora_lib.Adapter(state.params["policy"],
+                                                                                   spec.policy_lora))
+        export_hf(spec.policy_config, merged, os.path.join(s.workdir, "hf_merged"),
                   tokenizer_dir=s.data.tokenizer, overwrite=True)
+        del merged
     if jax.process_index() == 0:
         out = plot_run(s.workdir, ["score_total", "rm_score", "hallucination_rate", "response_length", "kl",
                                      "policy_loss", "value_loss"])

@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from llava_jax import heads, lora as lora_lib, ppo, roles, run_setup, sharding, trainable
+from llava_jax.models.llava import logical_axes
 from llava_jax.optim import make_optimizer
 from llava_jax.sampling import SamplingConfig
 from llava_jax.settings import PPOSettings, RunSettings
@@ -69,29 +70,41 @@ def roles_trees(policy_base: dict, policy: lora_lib.Adapter, reward: lora_lib.Ad
     return params, frozen
 
 
-def load_roles(s: RunSettings) -> tuple[roles.PPOSpec, dict, dict]:
-    """(spec, trainable params, frozen trees) from the run's checkpoints and adapters."""
+def load_roles(s: RunSettings, mesh: Any) -> tuple[roles.PPOSpec, dict, dict]:
+    """(spec, trainable params, frozen trees) from the run's checkpoints and adapters, each
+    restored (or, for a fresh policy adapter and the value head, made) in its shards over `mesh`."""
     from llava_jax.model_ckpt import load_adapter_dir, load_checkpoint
 
-    policy_config, policy_base, _ = run_setup.load_model(s)
+    policy_config, policy_base, _ = run_setup.load_model(s, mesh)
     p = s.ppo
     shared = not p.reward_base or os.path.abspath(p.reward_base) == os.path.abspath(s.model.init)
     reward_config, rbase = policy_config, policy_base
     if not shared:
-        reward_config, rbase = load_checkpoint(p.reward_base, dtype=s.model.param_dtype)
+        reward_config, rbase = load_checkpoint(p.reward_base, dtype=s.model.param_dtype, mesh=mesh)
         reward_config = reward_config.with_runtime(**s.model.runtime_knobs())
     if p.policy_adapter:
-        policy, _, _ = load_adapter_dir(p.policy_adapter, policy_base)
+        policy, _, _ = load_adapter_dir(p.policy_adapter, policy_base, mesh=mesh, config=policy_config)
     else:  # b = 0: the policy starts as (and the reference stays) the base model
-        policy = lora_lib.init_adapter(policy_base, s.train.lora_config(), jax.random.PRNGKey(s.seed))
-    reward, reward_head, kind = load_adapter_dir(p.reward_adapter, rbase)
+        policy = _sharded(lambda: lora_lib.init_adapter(policy_base, s.train.lora_config(),
+                                                        jax.random.PRNGKey(s.seed)),
+                          lambda a: lora_lib.Adapter(sharding.adapter_logical_axes(a.params, logical_axes(policy_config)),
+                                                     a.config), mesh)
+    reward, reward_head, kind = load_adapter_dir(p.reward_adapter, rbase, mesh=mesh, config=reward_config)
     if kind != "reward":
         raise ValueError(f"config.ppo.reward_adapter={p.reward_adapter!r} has no reward head (head: {kind})")
     spec = roles.PPOSpec(policy_config, policy.config, reward_config, reward.config, reward.config, shared,
                          temperature=p.temperature)
-    value_head = heads.init_head("value", reward_config.text.hidden_size)
+    value_head = _sharded(lambda: heads.init_head("value", reward_config.text.hidden_size),
+                          lambda h: jax.tree_util.tree_map(lambda _: PartitionSpec(), h), mesh)
     params, frozen = roles_trees(policy_base, policy, reward, reward_head, value_head, None if shared else rbase)
     return spec, params, frozen
+
+
+def _sharded(make: Callable[[], Any], logical: Callable[[Any], Any], mesh: Any) -> Any:
+    """`make()` (a traceable initialiser) run inside a jit whose outputs are laid out by
+    `logical(shapes)` over `mesh`: fresh trees land in their shards, not on one device."""
+    shapes = jax.eval_shape(make)
+    return jax.jit(make, out_shardings=sharding.shardings_for(shapes, logical(shapes), mesh))()
 
 
 def roles_logical(spec: roles.PPOSpec, tree: dict) -> dict:

@@ -26,31 +26,37 @@ def make_mesh(s: RunSettings) -> Any:
     return sharding.make_mesh(s.mesh.shape)
 
 
-def load_model(s: RunSettings) -> tuple[Any, dict, lora_lib.Adapter | None]:
-    """(config with the run's runtime knobs, base params, starting adapter or None)."""
+def load_model(s: RunSettings, mesh: Any) -> tuple[Any, dict, lora_lib.Adapter | None]:
+    """(config with the run's runtime knobs, base params, starting adapter or None), each leaf
+    made or restored straight into its shards over `mesh`."""
     from llava_jax.model_ckpt import load_adapter, load_checkpoint
     from llava_jax.models.llava import init_params, tiny_config
 
     runtime = s.model.runtime_knobs()
     if s.model.init == "tiny":
         config = tiny_config(**runtime)
-        base = init_params(config, jax.random.PRNGKey(s.seed))
-        base = trainable.cast_tree(base, jnp.dtype(s.model.param_dtype))
+        dtype, rng = jnp.dtype(s.model.param_dtype), jax.random.PRNGKey(s.seed)
+        make = lambda: trainable.cast_tree(init_params(config, rng), dtype)  # noqa: E731
+        shapes = jax.eval_shape(make)
+        base = jax.jit(make, out_shardings=sharding.param_shardings(config, shapes, mesh))()
     else:
-        config, base = load_checkpoint(s.model.init, dtype=s.model.param_dtype)
+        config, base = load_checkpoint(s.model.init, dtype=s.model.param_dtype, mesh=mesh)
         config = config.with_runtime(**runtime)
-    adapter = load_adapter(s.model.init, s.model.adapter)[0] if s.model.adapter else None
+    adapter = load_adapter(s.model.init, s.model.adapter, mesh=mesh)[0] if s.model.adapter else None
     return config, base, adapter
+
+
+TRAINABLE_PARTS = {"projector": ["projector"], "projector+llm": ["projector", "llm"], "lora": [],
+                   "lora+projector": ["projector"]}
 
 
 def split_trainable(s: RunSettings, config: Any, base: dict, start_adapter: lora_lib.Adapter | None,
                     rng: jax.Array) -> tuple[ModelSpec, dict, dict]:
-    """(spec, trainable params (float32), frozen base) for train.trainable; traceable, so the
-    compile check runs it under eval_shape."""
+    """(spec, trainable params (float32), frozen base) for train.trainable; traceable: the
+    loop builds the trainable params inside the jit that makes the train state
+    (`init_or_restore`), the compile check runs it under eval_shape."""
     mode = s.train.trainable
-    parts = {"projector": ["projector"], "projector+llm": ["projector", "llm"], "lora": [],
-             "lora+projector": ["projector"]}[mode]
-    train_base, frozen = trainable.split_base(base, parts)
+    train_base, frozen = trainable.split_base(base, TRAINABLE_PARTS[mode])
     params: dict = {}
     if train_base:
         params["base"] = trainable.cast_tree(train_base, jnp.float32)
@@ -62,6 +68,26 @@ def split_trainable(s: RunSettings, config: Any, base: dict, start_adapter: lora
     if s.stage == "rm":
         params["head"] = heads.init_head("reward", config.text.hidden_size, jax.random.fold_in(rng, 2))
     return spec, params, frozen
+
+
+def trainable_builder(s: RunSettings, config: Any, base: dict, start_adapter: lora_lib.Adapter | None,
+                      rng: jax.Array) -> tuple[ModelSpec, dict, dict, Callable[[], dict], tuple]:
+    """(spec, trainable params' ShapeDtypeStructs, frozen base, make, make's arguments):
+    `make(*args)` is the traceable function that builds the trainable params from the base
+    and starting adapter, so the float32 casts and fresh adapters happen inside the jit that
+    lays out the train state, never as whole arrays on one device."""
+    lora = start_adapter.config if start_adapter is not None else None
+    box: dict = {}
+
+    def make(base_tree: dict, start_params: dict | None) -> dict:
+        start = None if start_params is None else lora_lib.Adapter(start_params, lora)
+        box["spec"], params, _ = split_trainable(s, config, base_tree, start, rng)
+        return params
+
+    args = (base, None if start_adapter is None else start_adapter.params)
+    shapes = jax.eval_shape(make, *args)
+    frozen = trainable.split_base(base, TRAINABLE_PARTS[s.train.trainable])[1]
+    return box["spec"], shapes, frozen, make, args
 
 
 # ---------------------------------------------------------------------------- shardings
@@ -116,6 +142,8 @@ def place(tree: Any, shardings: Any) -> Any:
     laid out by `shardings`, which may span several processes: each process puts only its
     own shards on its devices (no cross-host transfer, no equality check per leaf)."""
     def put(x, sh):
+        if isinstance(x, jax.Array) and x.sharding == sh:
+            return x
         if sh.is_fully_addressable:
             return jax.device_put(x, sh)
         host = np.asarray(jax.device_get(x))
@@ -170,24 +198,25 @@ def open_checkpoints(s: RunSettings) -> Checkpointer:
 
 
 def abstract_state(s: RunSettings, params: dict, optimizer: Any) -> TrainState:
-    """ShapeDtypeStructs of the train state `init_or_restore` builds from `params`."""
+    """ShapeDtypeStructs of the train state `init_or_restore` builds from `params` (arrays or
+    ShapeDtypeStructs)."""
     return jax.eval_shape(lambda p: create_state(p, optimizer, jax.random.PRNGKey(s.seed)), params)
 
 
-def init_or_restore(s: RunSettings, ckpt: Checkpointer, params: dict, optimizer: Any, state_shape: TrainState,
-                    state_sh: TrainState, extras: dict | None = None
+def init_or_restore(s: RunSettings, ckpt: Checkpointer, make_params: Callable[..., dict], args: tuple,
+                    optimizer: Any, state_shape: TrainState, state_sh: TrainState, extras: dict | None = None
                     ) -> tuple[TrainState, dict, dict | None, int | None]:
     """(train state, extras, this process's loader state or None, restored step or None): the
-    latest checkpoint when resuming, else a fresh state from `params`. `state_shape` is
-    `abstract_state(...)`; `extras` are replicated float32 scalars kept beside the state
-    (e.g. PPO's KL coefficient)."""
+    latest checkpoint when resuming, else a fresh state from `make_params(*args)` (traceable;
+    run inside the jit that lays the state out over the mesh, so casts and fresh adapters
+    land in their shards). `state_shape` is `abstract_state(...)`; `extras` are replicated
+    float32 scalars kept beside the state (e.g. PPO's KL coefficient)."""
     extras = dict(extras or {})
     rng = jax.random.PRNGKey(s.seed)
     latest = ckpt.latest_step() if s.resume else None
     if latest is None:
-        # host copies: restored arrays are committed to one device, the state spans the mesh
-        state = jax.jit(lambda p: create_state(p, optimizer, rng), out_shardings=state_sh)(jax.device_get(params))
-        return state, extras, None, None
+        build = jax.jit(lambda *a: create_state(make_params(*a), optimizer, rng), out_shardings=state_sh)
+        return build(*args), extras, None, None
     rep = sharding.replicated(jax.tree_util.tree_leaves(state_sh)[0].mesh)
     abstract = {"train": with_shardings(state_shape, state_sh),
                 "extras": {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=rep) for k in extras}}

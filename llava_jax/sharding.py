@@ -62,6 +62,18 @@ def mesh_shape(shape: Sequence[int] | dict[str, int], num_devices: int) -> tuple
     return tuple(shape)
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """`--mesh` of the evaluation scripts: "fsdp=-1" or "data=2,fsdp=4" (axes left out are 1)
+    -> {axis: size}; -1 fills the devices (the default "fsdp=-1": every device, as training)."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        axis, sep, size = part.partition("=")
+        if not sep or axis not in MESH_AXES or not size.lstrip("-").isdigit():
+            raise ValueError(f"--mesh {text!r}: expected AXIS=SIZE[,AXIS=SIZE] with AXIS in {MESH_AXES}")
+        out[axis] = int(size)
+    return out
+
+
 def make_mesh(shape: Sequence[int] | dict[str, int] = (1, -1, 1), devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh over `devices` (default all); a fully given shape may use only the first N."""
     devices = list(jax.devices() if devices is None else devices)

@@ -14,6 +14,8 @@ import json
 import os
 from typing import Any, Sequence
 
+from jax.sharding import Mesh
+
 from llava_jax.answer import answer_batches
 from llava_jax.data import EvalDataset, load_captions, vision_kwargs, write_answers
 from llava_jax.data.eval_data import make_answer
@@ -34,16 +36,18 @@ FILES = {"answers": "questions.jsonl", "pope": "pope.jsonl", "mc": "mc.jsonl"}
 
 
 def _answer_file(config: Any, base: dict, adapter: Any, tokenizer: Any, path: str, image_folder: str,
-                 sampling: SamplingConfig, batch_size: int) -> list[tuple[Any, str, int]]:
+                 sampling: SamplingConfig, batch_size: int, mesh: Mesh) -> list[tuple[Any, str, int]]:
     dataset = EvalDataset(path, tokenizer, image_folder=image_folder, max_length=128, strict=True,
                           **vision_kwargs(config))
-    return [row for rows in answer_batches(config, base, adapter, tokenizer, dataset, sampling, batch_size)
+    return [row for rows in answer_batches(config, base, adapter, tokenizer, dataset, sampling, batch_size,
+                                                 mesh=mesh)
             for row in rows]
 
 
 def evaluate_model(name: str, config: Any, base: dict, adapter: Any, tokenizer: Any, toy_dir: str, out_dir: str,
-                   max_new_tokens: int = 32, batch_size: int = 64) -> dict[str, float]:
-    """One model's greedy answers to the held-out set, written under out_dir, and its scores."""
+                   max_new_tokens: int = 32, batch_size: int = 64, *, mesh: Mesh) -> dict[str, float]:
+    """One model's greedy answers to the held-out set, written under out_dir, and its scores;
+    weights, prompts and KV cache sharded over `mesh`."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id,
                               pad_id=tokenizer.pad_id, cache_dtype="float32")
     captions = load_captions(os.path.join(toy_dir, "captions.json"))
@@ -51,7 +55,7 @@ def evaluate_model(name: str, config: Any, base: dict, adapter: Any, tokenizer: 
     scores: dict[str, float] = {}
     for kind, file in FILES.items():
         rows = _answer_file(config, base, adapter, tokenizer, os.path.join(toy_dir, "eval", file), images, sampling,
-                            batch_size)
+                            batch_size, mesh)
         records = [{**make_answer(q, text, model_id=name), "image": q.image} for q, text, _ in rows]
         write_answers(os.path.join(out_dir, f"{name}.{kind}.jsonl"), records)
         texts = [text for _, text, _ in rows]
@@ -68,10 +72,10 @@ def evaluate_model(name: str, config: Any, base: dict, adapter: Any, tokenizer: 
 
 
 def compare(models: Sequence[tuple[str, Any, dict, Any]], tokenizer: Any, toy_dir: str, out_dir: str,
-            max_new_tokens: int = 32, batch_size: int = 64) -> dict[str, dict[str, float]]:
+            max_new_tokens: int = 32, batch_size: int = 64, *, mesh: Mesh) -> dict[str, dict[str, float]]:
     """models: (name, config, base, adapter or None) -> {name: scores}; writes out_dir/summary.json."""
     summary = {name: evaluate_model(name, config, base, adapter, tokenizer, toy_dir, out_dir, max_new_tokens,
-                                    batch_size) for name, config, base, adapter in models}
+                                    batch_size, mesh=mesh) for name, config, base, adapter in models}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -88,22 +88,24 @@ def run_train(s: RunSettings) -> dict:
     validate(s, jax.process_count(), jax.device_count())
     mesh = run_setup.make_mesh(s)
     rng = jax.random.PRNGKey(s.seed)
-    config, base, start_adapter = run_setup.load_model(s)
-    spec, params, frozen = run_setup.split_trainable(s, config, base, start_adapter, rng)
+    config, base, start_adapter = run_setup.load_model(s, mesh)
+    spec, params_shape, frozen, make_params, make_args = run_setup.trainable_builder(s, config, base, start_adapter,
+                                                                                    rng)
     loader, eval_loader, _ = build_data(s, config)
     steps = run_setup.total_steps(s, loader)
     optimizer, schedule = make_optimizer(s.optim, steps)
-    state_shape = run_setup.abstract_state(s, params, optimizer)
-    state_sh = run_setup.state_shardings(state_shape, mesh, run_setup.params_logical(config, params))
+    state_shape = run_setup.abstract_state(s, params_shape, optimizer)
+    state_sh = run_setup.state_shardings(state_shape, mesh, run_setup.params_logical(config, params_shape))
     frozen_sh = run_setup.frozen_shardings(config, frozen, mesh)
     frozen = run_setup.place(frozen, frozen_sh)
     ckpt = run_setup.open_checkpoints(s)
-    state, _, loader_state, latest = run_setup.init_or_restore(s, ckpt, params, optimizer, state_shape, state_sh)
+    state, _, loader_state, latest = run_setup.init_or_restore(s, ckpt, make_params, make_args, optimizer,
+                                                               state_shape, state_sh)
     if loader_state is not None:
         loader.restore(loader_state)
     llm_params = sum(x.size for x in jax.tree_util.tree_leaves(base["llm"]))
     peak = s.log.peak_tflops * 1e12 or peak_flops(jax.devices()[0].device_kind)
-    del params, base
+    del make_args, base, start_adapter
     step_fn = run_setup.jit_train_step(s, spec, optimizer, schedule, state_sh, frozen_sh)
     eval_fn = None
     if s.stage == "rm" and eval_loader is not None:
@@ -153,18 +155,22 @@ def export_result(s: RunSettings, spec: ModelSpec, state: TrainState, frozen: di
         print("export of the trained model is single-process: rerun this command as one process (one host) and it "
               "restores the final checkpoint and exports")
         return None
-    params = jax.device_get(state.params)
+    params = state.params
     if "base" in params:  # trained base parts (lora+projector too: the projector goes with its base)
+        # cast in place on the devices (each shard stays where it is), then written shard by shard
         dtype = jnp.dtype(s.model.param_dtype)
-        base = trainable.join_base(trainable.cast_tree(params["base"], dtype), jax.device_get(frozen))
+        trained_sh = jax.tree_util.tree_map(lambda x: x.sharding, params["base"])
+        trained = jax.jit(lambda t: trainable.cast_tree(t, dtype), out_shardings=trained_sh)(params["base"])
+        base = trainable.join_base(trained, frozen)
         model_path = os.path.join(s.workdir, "model")
-        save_checkpoint(model_path, spec.config, jax.tree_util.tree_map(np.asarray, base), overwrite=True,
-                        extra={"trained_by": s.stage})
+        save_checkpoint(model_path, spec.config, base, overwrite=True, extra={"trained_by": s.stage})
+        del trained, base
         if "adapter" not in params:
             return model_path
         print(f"lora+projector: the base with the trained projector is {model_path}; use it with the adapter")
     path = os.path.join(s.workdir, "adapter")
     kind = "reward" if s.stage == "rm" else None
-    write_adapter_dir(path, lora_lib.Adapter(params["adapter"], spec.lora), params.get("head") if kind else None, kind,
+    host = jax.device_get({k: v for k, v in params.items() if k != "base"})  # adapter-sized
+    write_adapter_dir(path, lora_lib.Adapter(host["adapter"], spec.lora), host.get("head") if kind else None, kind,
                       overwrite=True, extra={"trained_by": s.stage})
     return path

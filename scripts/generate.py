@@ -10,7 +10,9 @@
 question, temperature 0.2, 64 new tokens; LLaVA-Bench (vqa): temperature 0.2, 1024 tokens;
 MMHal-Bench: greedy, 1024 tokens), so the numbers compare with the paper's tables; flags
 given explicitly still win. The default protocol: vicuna_v1, greedy, 128 tokens, no suffix.
-Temperature 0 is greedy. Resumable: questions already answered in --out are skipped. POPE
+Temperature 0 is greedy. Weights, prompts and KV cache are sharded over a mesh of every local
+device (`--mesh`). Answers are appended as they come; a rerun skips questions already
+answered in --out. POPE
 also prints accuracy, precision, recall, F1 and yes-ratio (as the POPE evaluation computes
 them, per `category` when the file has one). MMHal-Bench answers are the items with
 `model_answer` filled in (the layout its GPT-4 judging script reads) plus a compact
@@ -39,22 +41,65 @@ def _key(answer_or_question: dict, fmt: str) -> str:
     return json.dumps(record.get("question_id"))
 
 
-def read_answers(path: str, fmt: str) -> list[dict]:
+def progress_path(out: str, fmt: str) -> str:
+    """Where answers are appended as they come: the answers file itself (JSONL), or for
+    MMHal-Bench (one JSON list, written at the end) a JSONL beside it."""
+    return out + ".partial.jsonl" if fmt == "mmhal" else out
+
+
+def read_jsonl_answers(path: str) -> list[dict]:
+    """Answers of a JSONL file appended to by an earlier run; a torn last line (a run killed
+    mid-write) is dropped and cut from the file, so the next append starts on a clean line."""
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        if fmt == "mmhal":
-            return json.load(f)
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    answers, good_bytes = [], 0
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                answers.append(json.loads(line))
+            except json.JSONDecodeError:
+                if any(rest.strip() for rest in lines[number:]):
+                    raise ValueError(f"{path}:{number}: not a JSON answer record") from None
+                with open(path, "r+b") as f:
+                    f.truncate(good_bytes)
+                return answers
+        good_bytes += len(line) + 1
+    if data and not data.endswith(b"\n"):  # a whole record whose newline was not written
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    return answers
 
 
-def save_answers(path: str, answers: list[dict], fmt: str) -> None:
-    """Atomic rewrite, so an interrupted run never leaves a truncated answers file."""
+def read_answers(out: str, fmt: str) -> list[dict]:
+    """Every answer written so far: the finished file and, for MMHal-Bench, the progress file."""
+    answers = read_jsonl_answers(progress_path(out, fmt))
+    if fmt == "mmhal" and os.path.isfile(out):
+        with open(out) as f:
+            answers = json.load(f) + answers
+    return answers
+
+
+def append_answers(path: str, answers: list[dict]) -> None:
+    """One batch's answers appended and flushed (a rerun resumes by reading them)."""
+    with open(path, "a") as f:
+        for answer in answers:
+            f.write(json.dumps(answer) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def finish_mmhal(out: str, answers: list[dict]) -> None:
+    """The MMHal-Bench JSON list, written atomically; then the progress file goes."""
     from llava_jax.data import write_answers
 
-    tmp = path + ".tmp"
-    write_answers(tmp, answers, fmt)
-    os.replace(tmp, path)
+    tmp = out + ".tmp"
+    write_answers(tmp, answers, "mmhal")
+    os.replace(tmp, out)
+    if os.path.exists(progress_path(out, "mmhal")):
+        os.remove(progress_path(out, "mmhal"))
 
 
 def report_pope(questions_path: str, answers: list[dict]) -> dict:
@@ -92,14 +137,20 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--template", help="conversation template (protocol's)")
     p.add_argument("--max-length", type=int, default=2048, help="longest prompt (tokens, image included)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and compute")
+    p.add_argument("--mesh", default="fsdp=-1",
+                   help="AXIS=SIZE[,...] over data, fsdp, tensor (-1: fill; default: every local device, as training)")
     p.add_argument("--model-id", help="model_id written into answers (default: checkpoint[/adapter] name)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
+    import jax
+
+    from llava_jax import sharding
     from llava_jax.answer import answer_batches, load_answering_model
     from llava_jax.data import EvalDataset, load_tokenizer, make_answer, vision_kwargs
     from llava_jax.data.eval_data import PROTOCOLS
+    from llava_jax.files import ConversionError
     from llava_jax.sampling import SamplingConfig
 
     protocol = PROTOCOLS[a.protocol][a.format]
@@ -109,29 +160,42 @@ def main(argv: list[str] | None = None) -> dict | None:
     suffix = protocol.suffix if a.question_suffix is None else a.question_suffix
     print(f"protocol {a.protocol}: template {a.template}, temperature {a.temperature}, max_new_tokens "
           f"{a.max_new_tokens}, question suffix {suffix!r}")
-    config, base, adapter = load_answering_model(a.ckpt, a.adapter, a.dtype)
-    tokenizer = load_tokenizer(a.tokenizer)
-    dataset = EvalDataset(a.questions, tokenizer, fmt=a.format, image_folder=a.image_folder, template=a.template,
-                          max_length=a.max_length, suffix=suffix, **vision_kwargs(config))
-    answers = read_answers(a.out, a.format)
+    try:
+        mesh = sharding.make_mesh(sharding.parse_mesh(a.mesh))
+    except ValueError as e:
+        p.error(str(e))
+    print(f"mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} device(s), {a.dtype}")
+    try:
+        config, base, adapter = load_answering_model(a.ckpt, a.adapter, a.dtype, mesh=mesh)
+        tokenizer = load_tokenizer(a.tokenizer)
+        dataset = EvalDataset(a.questions, tokenizer, fmt=a.format, image_folder=a.image_folder,
+                              template=a.template, max_length=a.max_length, suffix=suffix, **vision_kwargs(config))
+        answers = read_answers(a.out, a.format)
+    except (ConversionError, OSError, ValueError, KeyError) as e:
+        sys.exit(f"error: {type(e).__name__ + ': ' if isinstance(e, KeyError) else ''}{e}")
     done = {_key(ans, a.format) for ans in answers}
     total = len(dataset.items)
-    dataset.items = [item for item in dataset.items
-                     if _key(item.data["question"].record or {"question_id": item.data["question"].question_id},
-                             a.format) not in done]
+    todo = [item for item in dataset.items
+            if _key(item.data["question"].record or {"question_id": item.data["question"].question_id},
+                    a.format) not in done]
     model_id = a.model_id or os.path.basename(os.path.normpath(a.ckpt)) + (f"/{a.adapter}" if a.adapter else "")
-    print(f"{total} questions, {total - len(dataset.items)} already answered in {a.out}")
+    print(f"{total} questions, {total - len(todo)} already answered in {a.out}")
+    dataset.items = todo
 
-    if dataset.items:
+    if todo:
         sampling = SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                                   top_k=a.top_k, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                                   cache_dtype=a.dtype)
-        with tqdm(total=len(dataset.items), desc="generate", unit="q") as bar:
-            for rows in answer_batches(config, base, adapter, tokenizer, dataset, sampling, a.batch_size, a.seed):
-                answers += [make_answer(question, text, model_id=model_id, fmt=a.format) for question, text, _ in rows]
-                save_answers(a.out, answers, a.format)
+        with tqdm(total=len(todo), desc="generate", unit="q") as bar:
+            for rows in answer_batches(config, base, adapter, tokenizer, dataset, sampling,
+                                       a.batch_size, a.seed, mesh=mesh):
+                new = [make_answer(question, text, model_id=model_id, fmt=a.format) for question, text, _ in rows]
+                append_answers(progress_path(a.out, a.format), new)
+                answers += new
                 bar.update(len(rows))
         print(dataset.report.summary())
+    if a.format == "mmhal":
+        finish_mmhal(a.out, answers)
     print(f"wrote {len(answers)} answers to {a.out}")
     if a.format == "mmhal":
         judge = a.out + ".judge.jsonl"

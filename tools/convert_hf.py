@@ -69,6 +69,7 @@ def cmd_import_adapter(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    import jax
     import jax.numpy as jnp
 
     from llava_jax.convert import ConversionError, export_hf
@@ -83,12 +84,15 @@ def cmd_export(args: argparse.Namespace) -> None:
         write_peft_adapter(args.out, adapter, head, kind, overwrite=args.overwrite)
         print(f"wrote {args.out}: PEFT LoRA adapter {args.adapter!r} (r={adapter.config.rank})")
         return
-    config, params = load_checkpoint(args.ckpt)
-    if args.format == "merged":
-        from llava_jax.lora import merge
+    if args.format == "merged":  # merged in the shards of this host's devices, then brought home leaf by leaf
+        from llava_jax.lora import merge_in_shards
+        from llava_jax.sharding import make_mesh
 
-        adapter, _, _ = load_adapter(args.ckpt, args.adapter)
-        params = merge(params, adapter)
+        mesh = make_mesh((1, -1, 1), jax.local_devices())
+        config, params = load_checkpoint(args.ckpt, mesh=mesh)
+        params = merge_in_shards(params, load_adapter(args.ckpt, args.adapter, mesh=mesh)[0])
+    else:  # host arrays: export_hf writes them leaf by leaf without a device
+        config, params = load_checkpoint(args.ckpt)
     dtype = jnp.dtype(args.dtype) if args.dtype else None
     files = export_hf(config, params, args.out, tokenizer_dir=args.tokenizer, dtype=dtype,
                       max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
@@ -98,10 +102,13 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
+    import jax
+
     from llava_jax.model_ckpt import load_checkpoint
     from llava_jax.convert.verify import verify
+    from llava_jax.sharding import make_mesh
 
-    config, params = load_checkpoint(args.ckpt)
+    config, params = load_checkpoint(args.ckpt, mesh=make_mesh((1, -1, 1), jax.local_devices()))
     r = verify(args.hf, config, params, vision_dir=args.vision_tower, dtype=args.dtype, seed=args.seed)
     print(f"compared {r.compared_tokens} tokens: max |logit diff| {r.max_abs_error:.3e}, "
           f"max |logit| {r.max_abs_logit:.3e}, relative error {r.rel_error:.3e}")
