@@ -121,7 +121,7 @@ def run_ppo(s: RunSettings) -> dict:
     # already checkpointed (a kill before the export, or a multi-host run exported from one host).
     if not tail.preempted:
         export_policy(s, spec, state, frozen)
-        if s.eval.toy_dir and jax.process_index() == 0:
+        if s.eval.toy_dir and jax.process_count() == 1:  # multi-host: the one-process rerun that exports evaluates
             evaluate_toy(s, spec, state, frozen, tokenizer)
     return last
 

@@ -25,6 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv: list[str] | None = None) -> dict:
     import jax
 
+    from llava_jax.platforms import skip_absent_tpu
+
+    skip_absent_tpu()  # before any backend starts
     from llava_jax import sharding
     from llava_jax.answer import load_answering_model
     from llava_jax.data import load_tokenizer

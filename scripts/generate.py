@@ -84,6 +84,7 @@ def read_answers(out: str, fmt: str) -> list[dict]:
 
 def append_answers(path: str, answers: list[dict]) -> None:
     """One batch's answers appended and flushed (a rerun resumes by reading them)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         for answer in answers:
             f.write(json.dumps(answer) + "\n")
@@ -146,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     import jax
 
+    from llava_jax.platforms import skip_absent_tpu
+
+    skip_absent_tpu()  # before any backend starts
     from llava_jax import sharding
     from llava_jax.answer import answer_batches, load_answering_model
     from llava_jax.data import EvalDataset, load_tokenizer, make_answer, vision_kwargs

@@ -6,11 +6,12 @@ every few milliseconds from a thread and keeps, per device, the most bytes it he
 Run as a script, this file builds a checkpoint whose every sharded dimension divides by 8 and
 runs one path on 8 forced CPU devices under the census, printing one JSON line:
 
-  python tests/census.py sft_full|sft_lora|ppo_two_bases|generate ROOT
+  python tests/census.py ROOT [sft_full|sft_lora|ppo_two_bases|generate ...]
 """
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -107,9 +108,9 @@ def make_checkpoint(path: str, seed: int) -> int:
 
 def _train_config(stage_config: Any, workdir: str, ckpt: str, **overrides: Any) -> Any:
     cfg = stage_config()
-    cfg.update_from_flattened_dict({"requires": "", "workdir": workdir, "model.init": ckpt, "train.max_steps": 2,
+    cfg.update_from_flattened_dict({"requires": "", "workdir": workdir, "model.init": ckpt,
                                     "log.tensorboard": False, "data.workers": 0, "checkpoint.every": 100,
-                                    "data.num_buckets": 1, **overrides})
+                                    "data.num_buckets": 1, "train.max_steps": 1, **overrides})
     return cfg
 
 
@@ -173,4 +174,6 @@ def run(scenario: str, root: str) -> dict:
 if __name__ == "__main__":
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    print(json.dumps(run(sys.argv[1], sys.argv[2])))
+    for name in sys.argv[2:] or SCENARIOS:
+        print(json.dumps(run(name, sys.argv[1])), flush=True)
+        gc.collect()  # the last run's arrays are not the next one's

@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     from llava_jax.convert import ConversionError
+    from llava_jax.platforms import skip_absent_tpu
+
+    skip_absent_tpu()  # before any backend starts
 
     try:
         args.fn(args)
