@@ -93,3 +93,49 @@ def test_eval_toy_script_writes_answers_and_table(tiny_ckpt, tmp_path, capsys):
         rows = [json.loads(line) for line in open(tmp_path / "eval" / f"a.{kind}.jsonl")]
         assert len(rows) == count and all(r["image"].startswith("eval_") for r in rows)
     assert all(0.0 <= v <= 1.0 for k, v in summary["a"].items() if k not in ("n", "mean_length"))
+
+
+def test_a_torn_last_line_is_dropped_and_the_rerun_appends(tiny_ckpt, tmp_path):
+    """A kill mid-write leaves half a record: the rerun drops it, answers that question again
+    and appends after the last whole line."""
+    lines = open(f"{TOY_DIR}/eval/pope.jsonl").read().splitlines()[:4]
+    questions = tmp_path / "pope.jsonl"
+    questions.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "answers.jsonl"
+    generate_main(_args(tiny_ckpt, questions, "pope", out))
+    whole = out.read_text().splitlines()
+    out.write_text("\n".join(whole[:3]) + "\n" + whole[3][: len(whole[3]) // 2])
+    generate_main(_args(tiny_ckpt, questions, "pope", out))
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["question_id"] for a in again] == [json.loads(line)["question_id"] for line in whole]
+    assert [a["text"] for a in again] == [json.loads(line)["text"] for line in whole]  # greedy: the same answer
+
+
+def test_answers_over_a_mesh_equal_one_device(tiny_ckpt, tmp_path):
+    """--mesh lays weights, prompts and cache over the 8 test devices or over one; same answers."""
+    questions = tmp_path / "pope.jsonl"
+    questions.write_text("\n".join(open(f"{TOY_DIR}/eval/pope.jsonl").read().splitlines()[:8]) + "\n")
+    texts = {}
+    for mesh in ("fsdp=-1", "data=2,fsdp=4", "fsdp=1"):
+        out = tmp_path / f"{mesh}.jsonl"
+        generate_main(_args(tiny_ckpt, questions, "pope", out) + ["--mesh", mesh])
+        texts[mesh] = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert texts["fsdp=-1"] == texts["data=2,fsdp=4"] == texts["fsdp=1"] and len(texts["fsdp=1"]) == 8
+
+
+@pytest.mark.parametrize("bad", ["ckpt", "adapter", "questions"])
+def test_bad_inputs_end_in_one_error_line(tiny_ckpt, tmp_path, bad):
+    questions = tmp_path / "pope.jsonl"
+    questions.write_text(open(f"{TOY_DIR}/eval/pope.jsonl").readline())
+    args = _args(tiny_ckpt, questions, "pope", tmp_path / "out.jsonl")
+    if bad == "ckpt":
+        args[args.index("--ckpt") + 1] = str(tmp_path / "missing_ckpt")
+    elif bad == "adapter":
+        args += ["--adapter", "no_such_adapter"]
+    else:
+        args[args.index("--questions") + 1] = str(tmp_path / "missing.jsonl")
+    with pytest.raises(SystemExit) as stop:
+        generate_main(args)
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert {"ckpt": "missing_ckpt", "adapter": "no_such_adapter", "questions": "missing.jsonl"}[bad] in message
