@@ -66,10 +66,10 @@ def census(tmp_path_factory) -> list[dict]:
 def test_no_device_holds_more_than_its_share(census, scenario):
     (run,) = [r for r in census if r["scenario"] == scenario]
     budget = _budgets(run["base_bytes"])[scenario]
-    assert len(run["peak"]) == DEVICES and run["samples"] > 10
+    assert run["samples"] > 10
     worst = max(run["peak"], key=run["peak"].get)
     assert run["peak"][worst] <= budget, (
         f"{scenario}: {worst} held {run['peak'][worst] / run['base_bytes']:.2f}x the base at once (budget "
         f"{budget / run['base_bytes']:.2f}x); heaviest arrays then: {run['heaviest'][worst]}")
-    # the census saw the model: the devices together held at least one whole base
-    assert sum(run["peak"].values()) >= run["base_bytes"]
+    # the census saw the model, on every device: together they held at least one whole base
+    assert len(run["peak"]) == DEVICES and sum(run["peak"].values()) >= run["base_bytes"]
