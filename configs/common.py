@@ -20,6 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"  # none | full | dots | dots_no_batch
     c.model.attention = "xla"  # whole-sequence attention: xla | flash (Pallas splash on TPU, cuDNN on GPU;
     # Pallas interpret mode on CPU, for checking only) for training and scoring passes; the sampler stays on XLA
+    c.model.cpu_shapes = "auto"  # auto | on | off: the forms XLA:CPU runs faster (folded query groups in
+    # attention, unstacked decode layers); auto: on iff the run's devices (a compile check: its target's) are
+    # CPUs. Decided once at the start of a run, which prints it
 
     c.train = ml_collections.ConfigDict()
     c.train.trainable = "projector+llm"  # projector | projector+llm | lora | lora+projector

@@ -34,7 +34,7 @@ from llava_jax.targets import GiB
 from llava_jax.models.clip import ClipVisionConfig
 from llava_jax.models.llama import LlamaConfig
 from llava_jax.models.llava import LlavaConfig, init_params, tiny_config
-from llava_jax.settings import RunSettings, unknown_field
+from llava_jax.settings import RunSettings, describe_cpu_shapes, resolve_cpu_shapes, unknown_field
 from llava_jax.train_state import create_state
 
 # Per-device memory of named accelerators (HBM per chip; H100 SXM).
@@ -386,6 +386,10 @@ def check(s: RunSettings, mesh: Mesh, *, model: str | None = None, reward_model:
           layers: int | None = None, rollout_batch: int = 0, steps: tuple[str, ...] | None = None,
           log: Callable[[str], None] = print) -> list[StepReport]:
     """Compiles every step of `s.stage` (or `steps`) for `mesh`; one report each."""
+    platform = mesh.devices.flat[0].platform  # the target's: "tpu" / "gpu" from a CPU host
+    resolved = resolve_cpu_shapes(s, platform)
+    log(describe_cpu_shapes(s.model.cpu_shapes, resolved.model.cpu_shapes, platform))
+    s = resolved
     config, source = resolve_model(s.model.init, model)
     config = with_runtime(s, config, layers)
     log(f"model: {source}; {config.text.num_layers} LLM layers{' (--layers)' if layers else ''}, "

@@ -37,7 +37,6 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from llava_jax.data.templates import IGNORE_INDEX
-from llava_jax.models.layers import cpu_shapes
 
 
 def next_token_targets(labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -118,7 +117,7 @@ def _chunk_terms(rows, tied: bool, dtype: str, want_grads: bool, hidden, w, targ
     safe = jnp.where(mask, ts, 0)[..., None]
     target_shifted = jnp.take_along_axis(shifted, safe, axis=-1)
     ce = -jnp.sum(jnp.where(mask, (target_shifted - log_sum)[..., 0], 0.0))  # -log p(target)
-    correct = _argmax_hits(logits, shifted, target_shifted[..., 0] == 0.0, ts, mask)
+    correct = jnp.sum(mask & (jnp.argmax(logits, axis=-1) == ts)).astype(jnp.float32)  # the first maximum
     if not want_grads:
         return ce, correct
     vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
@@ -164,29 +163,6 @@ def _chunked(chunk, tied, dtype, want_dh, want_dw, hidden, kernel, targets, mask
     if want_dw:
         out += (carry["dw"].astype(kernel.dtype),)
     return out
-
-
-def _argmax_hits(logits, shifted, target_on_top, targets, mask) -> jax.Array:
-    """Number of rows where argmax (the first maximum) is the target.
-
-    On accelerators, the argmax. A variadic argmax reduce does not vectorise on XLA:CPU (a quarter of a second on
-    [1664, 32000] logits), a sum of exponentials does: exp(shifted * 3e38) is 1 at a row's
-    maximum and 0 below it (only differences under ~1e-38 add a fraction), so a sum below 1.5
-    means a unique maximum, and a target there is the argmax. Rows whose target is a maximum
-    with a sum of 1.5 or more (a tie) need the argmax itself; they (practically never) get it
-    in a `lax.cond`.
-    """
-    if not cpu_shapes():
-        return jnp.sum(mask & (jnp.argmax(logits, axis=-1) == targets)).astype(jnp.float32)
-    maxima = jnp.sum(jnp.exp(shifted * 3e38), axis=-1)
-    hits = jnp.sum(mask & target_on_top & (maxima < 1.5)).astype(jnp.float32)
-    tied = mask & target_on_top & (maxima >= 1.5)
-
-    def tie_hits(operands):
-        logits, targets, tied = operands
-        return jnp.sum(tied & (jnp.argmax(logits, axis=-1) == targets)).astype(jnp.float32)
-
-    return hits + jax.lax.cond(jnp.any(tied), tie_hits, lambda _: jnp.zeros((), jnp.float32), (logits, targets, tied))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))

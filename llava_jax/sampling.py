@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.lora import Adapter, forward
-from llava_jax.models.layers import as_dtype, cpu_shapes
+from llava_jax.models.layers import as_dtype
 from llava_jax.models.llama import CACHE_AXES, init_cache, positions_from_mask, unstack_layers
 from llava_jax.models.llava import LlavaConfig
 
@@ -34,8 +34,8 @@ class SamplingConfig:
     cache_dtype: str = "bfloat16"
     # Decode with the layers' weights and KV cache split per layer once, before the loop (see
     # `Llama.hidden`): faster on XLA:CPU, at the cost of one copy of the layer weights (and
-    # adapter) while sampling. None: on when the backend is CPU and that copy is at most
-    # UNSTACK_MAX_BYTES (CPU-sized models; a 7B keeps the scanned layers).
+    # adapter) while sampling. None: on when the model config's `cpu_shapes` is and that copy
+    # is at most UNSTACK_MAX_BYTES (CPU-sized models; a 7B keeps the scanned layers).
     unstack_layers: bool | None = None
 
 
@@ -68,16 +68,8 @@ def sample_step(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig,
     choose = scaled
     if suppress:
         choose = choose.at[:, jnp.asarray(suppress)].set(jnp.finfo(scaled.dtype).min)
-    if cfg.temperature == 0 and not cpu_shapes():
-        token = jnp.argmax(choose, axis=-1)
-    elif cfg.temperature == 0:
-        # argmax as max + min index: XLA:CPU's (value, index) argmax reduction is ~7x slower
-        # (1.1 vs 0.15 ms for [8, 32000]). Same token as argmax: the first maximum, or the
-        # first NaN if any.
-        best = jnp.max(choose, axis=-1, keepdims=True) if suppress else top
-        hit = (choose == best) | jnp.isnan(choose)
-        index = jnp.arange(scaled.shape[-1], dtype=jnp.int32)
-        token = jnp.min(jnp.where(hit, index, scaled.shape[-1]), axis=-1)
+    if cfg.temperature == 0:
+        token = jnp.argmax(choose, axis=-1)  # the first maximum
     else:
         token = jax.random.categorical(rng, filter_logits(choose, cfg.top_k, cfg.top_p), axis=-1)
     # log_softmax(scaled)[token] without materialising it over the vocabulary: the same
@@ -95,12 +87,12 @@ def placeholder_ids(config: LlavaConfig) -> tuple[int, ...]:
     return (index,) if 0 <= index < config.text.vocab_size else ()
 
 
-def _use_unstacked(base: dict, adapter: Adapter | None, sampling: SamplingConfig) -> bool:
+def _use_unstacked(config: LlavaConfig, base: dict, adapter: Adapter | None, sampling: SamplingConfig) -> bool:
     if sampling.unstack_layers is not None:
         return sampling.unstack_layers
     trees = [base["llm"]["layers"]] + ([adapter.params] if adapter is not None else [])
     size = sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(trees))
-    return cpu_shapes() and size <= UNSTACK_MAX_BYTES
+    return config.text.cpu_shapes and size <= UNSTACK_MAX_BYTES
 
 
 def _layer_variables(config: LlavaConfig, base: dict, adapter: Adapter | None) -> list[dict]:
@@ -139,7 +131,7 @@ def generate(config: LlavaConfig, base: dict, adapter: Adapter | None, input_ids
                             vision_features=vision_features, positions=positions, cache=cache, cache_index=0)
     logits = forward(config, base, adapter, hidden[:, -1:], method="logits")[:, 0]
     layers = None
-    if _use_unstacked(base, adapter, sampling):
+    if _use_unstacked(config, base, adapter, sampling):
         layers = _layer_variables(config, base, adapter)
         cache = [{k: nn.with_logical_constraint(v, CACHE_AXES[1:]) for k, v in layer.items()}
                  for layer in unstack_layers(cache, config.text.num_layers)]

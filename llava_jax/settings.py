@@ -18,6 +18,7 @@ from typing import Any
 from llava_jax.optim import OptimConfig
 
 STAGES = ("sft", "rm", "ppo")
+CPU_SHAPES = ("auto", "on", "off")
 TRAINABLE = ("projector", "projector+llm", "lora", "lora+projector")
 
 
@@ -29,11 +30,40 @@ class ModelSettings:
     param_dtype: str
     remat: str
     attention: str
+    cpu_shapes: str  # auto | on | off; see resolve_cpu_shapes
 
-    def runtime_knobs(self) -> dict[str, str]:
-        """The model's runtime knobs (LlavaConfig.with_runtime)."""
+    def runtime_knobs(self) -> dict[str, Any]:
+        """The model's runtime knobs (LlavaConfig.with_runtime). A `cpu_shapes` still "auto" here
+        (settings that did not pass an entry's `resolve_cpu_shapes`, e.g. a test's) is decided
+        by the default backend."""
         return dict(dtype=self.dtype, param_dtype=self.param_dtype, remat_policy=self.remat,
-                    attention=self.attention)
+                    attention=self.attention, cpu_shapes=cpu_shapes_on(self.cpu_shapes, default_platform()))
+
+
+def default_platform() -> str:
+    import jax
+
+    return jax.default_backend()
+
+
+def cpu_shapes_on(choice: str, platform: str) -> bool:
+    """`model.cpu_shapes` for a run on `platform`'s devices: "on", "off", or "auto" (on iff
+    they are CPUs). The one place the backend decides a model's shapes."""
+    if choice not in CPU_SHAPES:
+        raise ValueError(f"config.model.cpu_shapes={choice!r}: expected one of {CPU_SHAPES}")
+    return choice == "on" or (choice == "auto" and platform == "cpu")
+
+
+def resolve_cpu_shapes(s: RunSettings, platform: str) -> RunSettings:
+    """`s` with `model.cpu_shapes` decided ("on" / "off") for a run on `platform`'s devices."""
+    value = "on" if cpu_shapes_on(s.model.cpu_shapes, platform) else "off"
+    return s.replace(model={"cpu_shapes": value})
+
+
+def describe_cpu_shapes(before: str, after: str, platform: str) -> str:
+    """The line a run prints at its start."""
+    how = f"{before} on {platform} devices" if before == "auto" else "as set"
+    return f"model.cpu_shapes: {after} ({how})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +303,8 @@ def validate(s: RunSettings, process_count: int, device_count: int) -> None:
 
     if s.stage not in STAGES:
         raise ValueError(f"config.stage={s.stage!r}: expected one of {STAGES}")
+    if s.model.cpu_shapes not in CPU_SHAPES:
+        raise ValueError(f"config.model.cpu_shapes={s.model.cpu_shapes!r}: expected one of {CPU_SHAPES}")
     if s.train.trainable not in TRAINABLE:
         raise ValueError(f"config.train.trainable={s.train.trainable!r}: expected one of {TRAINABLE}")
     if s.stage == "rm" and not s.train.trainable.startswith("lora"):

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import jax
 
-from llava_jax.settings import RunSettings, load_config_file
+from llava_jax.settings import RunSettings, describe_cpu_shapes, load_config_file, resolve_cpu_shapes
 
 
 def exported_result(s: RunSettings) -> str | None:
@@ -42,6 +42,16 @@ def run_requirements(s: RunSettings, overrides: Sequence[str] = (), _seen: tuple
             raise ValueError(f"requirement {path} finished without writing {required.workdir}/model or /adapter")
 
 
+def resolve_for_devices(s: RunSettings) -> RunSettings:
+    """`s` with the choices that depend on the run's devices made once, here, and printed:
+    `model.cpu_shapes` (the model code reads the resulting config field, never the backend)."""
+    platform = jax.devices()[0].platform
+    resolved = resolve_cpu_shapes(s, platform)
+    if jax.process_index() == 0:
+        print(describe_cpu_shapes(s.model.cpu_shapes, resolved.model.cpu_shapes, platform))
+    return resolved
+
+
 def run_stage(s: RunSettings, overrides: Sequence[str] = ()) -> dict:
     """Trains the stage `s.stage` names (after its requirements); the last step's metrics."""
     run_requirements(s, overrides)
@@ -49,6 +59,7 @@ def run_stage(s: RunSettings, overrides: Sequence[str] = ()) -> dict:
 
 
 def _run(s: RunSettings) -> dict:
+    s = resolve_for_devices(s)
     if s.stage == "ppo":
         from llava_jax.ppo_loop import run_ppo
 

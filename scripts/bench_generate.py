@@ -2,11 +2,13 @@
 """Decode throughput of our KV-cache sampler vs HF `generate` on the same weights and shapes.
 
   python scripts/bench_generate.py [--layers 8 --hidden 512 --batch 8 --new-tokens 128] [--dtype float32]
+                                   [--cpu-shapes auto|on|off|both]
 
 Builds a random llava-hf model (CPU-sized by default: 8 layers, hidden 512), imports it with
 the real `load_hf`, and times greedy decoding of `--new-tokens` tokens (no early stop) for a
 left-padded batch with images, in both implementations, in the same run (alternating,
-`--repeats` times each). Prints a table of medians.
+`--repeats` times each). Prints a table of medians. `--cpu-shapes` is settings'
+`model.cpu_shapes` (auto: on on a CPU); `both` times ours with it on and off, taking turns.
 """
 from __future__ import annotations
 
@@ -37,6 +39,18 @@ def build_hf(layers: int, hidden: int, vocab: int, image_size: int, seed: int = 
     return transformers.LlavaForConditionalGeneration(config).eval()
 
 
+CPU_SHAPES_CHOICES = ("auto", "on", "off", "both")
+
+
+def cpu_shapes_variants(choice: str) -> list[tuple[str, bool]]:
+    """(name suffix, cpu_shapes) of each variant of ours that `--cpu-shapes` asks for."""
+    from llava_jax.settings import cpu_shapes_on
+
+    if choice == "both":
+        return [(" cpu_shapes=on", True), (" cpu_shapes=off", False)]
+    return [("", cpu_shapes_on(choice, jax.default_backend()))]
+
+
 def make_prompts(a: argparse.Namespace, config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, mask, pixels): `a.batch` prompts of one token + image placeholders + `a.prompt_text`
     random tokens + 3, left-padded by 0-3 tokens (row b by b % 4), and random images."""
@@ -65,6 +79,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each implementation (alternating)")
     p.add_argument("--skip-hf", action="store_true", help="time ours only (e.g. on a GPU without torch)")
+    p.add_argument("--cpu-shapes", default="auto", choices=CPU_SHAPES_CHOICES,
+                   help="model.cpu_shapes (auto: on on a CPU); both: ours with it on and off, taking turns")
     a = p.parse_args()
 
     import torch
@@ -87,11 +103,14 @@ def main() -> None:
     # The KV cache in the model dtype: a bfloat16 cache under float32 compute would convert
     # the whole cache every step (slow on CPU), and HF keeps its cache in the model dtype too.
     sampling = SamplingConfig(max_new_tokens=a.new_tokens, temperature=0.0, eos_id=None, cache_dtype=a.dtype)
-    run = generate_fn(config, sampling)
-    start = time.perf_counter()
-    out = jax.block_until_ready(run(base, None, ids, mask, pixels, jax.random.PRNGKey(0)))
-    compile_s = time.perf_counter() - start
-    runners = {"ours": lambda: jax.block_until_ready(run(base, None, ids, mask, pixels, jax.random.PRNGKey(0)))}
+    runners, compile_s, outs = {}, {}, {}
+    for suffix, on in cpu_shapes_variants(a.cpu_shapes):
+        run = generate_fn(config.with_runtime(cpu_shapes=on), sampling)
+        start = time.perf_counter()
+        outs[suffix] = jax.block_until_ready(run(base, None, ids, mask, pixels, jax.random.PRNGKey(0)))
+        compile_s[suffix] = time.perf_counter() - start
+        runners["ours" + suffix] = (lambda run=run: jax.block_until_ready(
+            run(base, None, ids, mask, pixels, jax.random.PRNGKey(0))))
     if not a.skip_hf:
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
         hf = hf.to(torch_dtype)
@@ -116,10 +135,15 @@ def main() -> None:
             results[name] = fn()
             times[name].append(time.perf_counter() - start)
     tokens = a.batch * a.new_tokens
-    rows = [("llava_jax (jit, KV cache)", times["ours"], f"compile {compile_s:.1f}s")]
+    rows = [(f"llava_jax{suffix}", times["ours" + suffix], f"compile {compile_s[suffix]:.1f}s")
+            for suffix in compile_s]
+    first = np.asarray(next(iter(outs.values()))["tokens"])
+    if len(outs) > 1:
+        same = float(np.mean([np.mean(np.asarray(o["tokens"]) == first) for o in outs.values()]))
+        rows[-1] = (*rows[-1][:2], rows[-1][2] + f"; same greedy tokens as {rows[0][0]}: {same:.1%}")
     if "hf" in runners:
         ref = results["hf"][:, seq:].numpy()
-        same = float((np.asarray(out["tokens"]) == ref).mean())
+        same = float((first == ref).mean())
         rows.append(("HF transformers generate", times["hf"], f"same greedy tokens: {same:.1%}"))
     print(f"LLaVA {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}, batch {a.batch}, prompt {seq} tokens "
           f"({n_img} image), {a.new_tokens} new tokens, {a.dtype}, {jax.devices()[0].platform}, "
@@ -128,9 +152,9 @@ def main() -> None:
     for name, secs, note in rows:
         med = float(np.median(secs))
         print(f"{name:<28}{med:>9.2f}{tokens / med:>11.1f}{min(secs):>9.2f}  {note}")
-    if len(rows) == 2:
-        ratios = [h / o for o, h in zip(rows[0][1], rows[1][1])]
-        print(f"speed-up: {np.median(rows[1][1]) / np.median(rows[0][1]):.2f}x (medians); "
+    for other in rows[1:]:
+        ratios = [h / o for o, h in zip(rows[0][1], other[1])]
+        print(f"{rows[0][0]} vs {other[0]}: {np.median(other[1]) / np.median(rows[0][1]):.2f}x faster (medians); "
               f"per round {', '.join(f'{r:.2f}' for r in ratios)}")
 
 

@@ -90,7 +90,7 @@ def driver_main(a: argparse.Namespace) -> None:
         cfg = get_config()
         cfg.requires, cfg.workdir, cfg.resume = "", os.path.join(root, "run"), False
         cfg.model.init, cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat = base, a.dtype, a.dtype, a.remat
-        cfg.ppo.reward_adapter = reward
+        cfg.ppo.reward_adapter, cfg.model.cpu_shapes = reward, a.cpu_shapes
         cfg.train.max_steps, cfg.train.lora_rank = a.steps, a.lora_rank
         cfg.ppo.rollout_batch, cfg.ppo.step_batch, cfg.ppo.grad_accum = a.rollout_batch, a.step_batch, a.grad_accum
         cfg.ppo.response_len, cfg.ppo.cache_dtype = a.response_len, a.dtype
@@ -164,8 +164,11 @@ def vs_hf_main(a: argparse.Namespace) -> bool:
     prompts = make_prompts(config, a.rollout_batch, a.text_len)
     base, adapters, head_of = make_roles(config, a.lora_rank)
     cuts = cut_ids(a.cut_ids, config)
+    from llava_jax.settings import cpu_shapes_on
+
+    a.cpu_shapes_on = cpu_shapes_on(a.cpu_shapes, jax.default_backend())
     ours = OursPPO(config, base, adapters, head_of, response_len=a.response_len, dtype=a.dtype, lr=a.lr,
-                   rating_ids=rating_ids, cut_ids=cuts)
+                   rating_ids=rating_ids, cut_ids=cuts, cpu_shapes=a.cpu_shapes_on)
     hyper = TorchPPOHyper.from_config(ours.cfg, a.response_len, a.lr, eos_id=EOS, pad_id=PAD,
                                       suppress_ids=(config.image_token_index,), cut_ids=cuts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -220,7 +223,8 @@ def print_table(a: argparse.Namespace, config: LlavaConfig, device: str, epochs:
           f"way; {torch.get_num_threads()} threads, OMP_WAIT_POLICY {a.omp}); {describe(config)}; "
           f"rollout_batch={a.rollout_batch} step_batch={a.step_batch} "
           f"response_len={a.response_len} query={a.text_len + 1 + config.num_image_tokens} tokens lora_rank="
-          f"{a.lora_rank} dtype={a.dtype}; median of {a.rounds} alternating rounds after a warm-up round")
+          f"{a.lora_rank} dtype={a.dtype} cpu_shapes={'on' if a.cpu_shapes_on else 'off'}; "
+          f"median of {a.rounds} alternating rounds after a warm-up round")
     print("| phase | ours s | hf s | hf/ours (> 1: ours faster) |")
     print("|---|---|---|---|")
     for key in (*PHASES, "total"):
@@ -245,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=4, help="driver mode: PPO steps (the first compiles)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--remat", default="none", help="driver mode only")
+    p.add_argument("--cpu-shapes", default="auto", choices=("auto", "on", "off"),
+                   help="model.cpu_shapes (auto: on on a CPU)")
     p.add_argument("--vs-hf", action="store_true", help="time ours against the torch reference (see above)")
     p.add_argument("--rounds", type=int, default=3, help="--vs-hf: timed rounds of each side after the warm-up")
     p.add_argument("--vocab", type=int, default=512, help="--vs-hf: vocabulary size (placeholder = vocab - 1)")

@@ -170,14 +170,14 @@ class OursPPO:
 
     def __init__(self, config: LlavaConfig, base: dict, adapters: dict, head_of: dict, *, response_len: int,
                  dtype: str, lr: float = 3e-5, rating_ids: np.ndarray, cut_ids: tuple[int, ...] = (),
-                 seed: int = 0) -> None:
+                 seed: int = 0, cpu_shapes: bool = False) -> None:
         from llava_jax import ppo, roles, rollout, trainable
         from llava_jax.sampling import SamplingConfig
         from llava_jax.optim import make_optimizer
         from llava_jax.train_state import create_state
 
         self.hyper, weights, self.kl_coef, optim, self.cfg = ppo_settings(lr)
-        config = config.with_runtime(dtype=dtype, param_dtype=dtype)
+        config = config.with_runtime(dtype=dtype, param_dtype=dtype, cpu_shapes=cpu_shapes)
         lora = adapters["policy"].config
         self.spec = spec = roles.PPOSpec(config, lora, config, lora, lora, shared_base=True,
                                          temperature=self.cfg.ppo.temperature)

@@ -3,6 +3,7 @@
 
   python scripts/bench_train.py [--mode both|full|lora] [--layers 8 --hidden 512 --batch 4 --seq 512]
                                 [--lora-rank 16] [--steps 5] [--dtype float32] [--skip-hf] [--peak]
+                                [--cpu-shapes auto|on|off|both]
 
 Builds bench_generate's random llava-hf model (LLaMA 8 layers, hidden 512, vocab 32000; CLIP 4
 layers, 112 px -> 64 image tokens), imports it with the real `load_hf`, and times one training step
@@ -13,7 +14,8 @@ train, vision frozen; lora: adapters on q,k,v,o,gate,up,down of the LLM (peft on
 share of a shared machine's load; the fastest step is printed too). MFU: model FLOPs
 (`transformer_train_flops`, vision forward only) over the dense bf16 peak; "n/a" on CPU. With
 bfloat16 our trainable leaves stay float32 (as in the trainer), HF trains in pure bfloat16. The
-footer prints both step-0 losses (same weights: equal).
+footer prints both step-0 losses (same weights: equal). `--cpu-shapes` is settings'
+`model.cpu_shapes` (auto: on on a CPU); `both` times ours with it on and off, taking turns.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU mem
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from scripts.bench_generate import CPU_SHAPES_CHOICES, cpu_shapes_variants  # noqa: E402
 
 PROMPT = 32  # text tokens after the image whose labels are masked (the "question")
 WARMUP = 2
@@ -224,6 +227,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--skip-hf", action="store_true", help="time ours only (e.g. on a GPU without torch)")
     p.add_argument("--peak", action="store_true", help="also measure a 4096^3 float32 matmul's FLOP/s (jax, torch)")
+    p.add_argument("--cpu-shapes", default="auto", choices=CPU_SHAPES_CHOICES,
+                   help="model.cpu_shapes (auto: on on a CPU); both: ours with it on and off, taking turns")
     a = p.parse_args()
 
     from llava_jax.metrics import peak_flops
@@ -238,16 +243,21 @@ def main() -> None:
     rows, footer = [], []
     for mode in modes:
         flops = step_flops(mode, config, base, a.batch, a.seq)
-        steps = {f"ours-{mode}": ours_step_fn(mode, config, base, batch, a.lora_rank, a.lora_alpha, a.dtype,
-                                              WARMUP + a.steps)}
+        variants = cpu_shapes_variants(a.cpu_shapes)
+        steps = {f"ours-{mode}{suffix}": ours_step_fn(mode, config.with_runtime(cpu_shapes=on), base, batch,
+                                                      a.lora_rank, a.lora_alpha, a.dtype, WARMUP + a.steps)
+                 for suffix, on in variants}
         if hf is not None:
             hf, steps[f"HF-{mode}"] = hf_step_fn(mode, hf, init_state, batch, a.lora_rank, a.lora_alpha, torch_device)
         timed = time_steps(steps, a.steps)
         for name, (secs, best, _, _) in timed.items():
             rows.append((name, mode, secs, best, flops))
             print(f"{name}: {secs:.3f} s/step", file=sys.stderr, flush=True)  # progress of a long run
-        ours_loss, first = timed[f"ours-{mode}"][2:]
+        ours_loss, first = timed[f"ours-{mode}{variants[0][0]}"][2:]
         line = f"step-0 loss {mode}: ours {ours_loss:.6f}"
+        if len(variants) > 1:
+            line += f" ({variants[0][0].strip()}; {variants[1][0].strip()}: " \
+                    f"{timed[f'ours-{mode}{variants[1][0]}'][2]:.6f})"
         if hf is not None:
             hf_loss = timed[f"HF-{mode}"][2]
             line += f", HF {hf_loss:.6f}, |diff| {abs(ours_loss - hf_loss):.2e}"
@@ -258,14 +268,14 @@ def main() -> None:
           f"({config.num_image_tokens} image tokens), {a.dtype}{lora_note}, jax on {device.device_kind}"
           + (f", torch on {torch_device}" if torch_device is not None else "")
           + f"; median of {a.steps} steps after {WARMUP} warm-up, ours and HF taking turns")
-    print(f"{'run':<12}{'s/step':>9}{'tokens/s':>11}{'GF/s':>8}{'MFU':>8}{'ours/HF':>9}{'best s':>9}{'ours/HF':>9}")
+    print(f"{'run':<28}{'s/step':>9}{'tokens/s':>11}{'GF/s':>8}{'MFU':>8}{'ours/HF':>9}{'best s':>9}{'ours/HF':>9}")
     hf_secs = {mode: (secs, best) for name, mode, secs, best, _ in rows if name.startswith("HF")}
     for name, mode, secs, best, flops in rows:
         mfu = f"{flops / secs / peak:.1%}" if peak else "n/a"
         ours_vs_hf = name.startswith("ours") and mode in hf_secs
         ratio = f"{hf_secs[mode][0] / secs:.2f}x" if ours_vs_hf else ""
         best_ratio = f"{hf_secs[mode][1] / best:.2f}x" if ours_vs_hf else ""
-        print(f"{name:<12}{secs:>9.3f}{tokens / secs:>11.0f}{flops / secs / 1e9:>8.0f}{mfu:>8}{ratio:>9}{best:>9.3f}"
+        print(f"{name:<28}{secs:>9.3f}{tokens / secs:>11.0f}{flops / secs / 1e9:>8.0f}{mfu:>8}{ratio:>9}{best:>9.3f}"
               f"{best_ratio:>9}")
     print("GF/s: the step's model FLOPs (the same count for both) per second")
     if hf_secs:

@@ -110,36 +110,61 @@ def test_flash_model_forward_and_kv_cache_generation_match_xla():
 
 
 def test_accelerator_shapes_compute_what_the_cpu_shapes_compute():
-    """The XLA:CPU-tuned shapes (2-D dots, folded query groups, argmax without a variadic
-    reduce, unstacked decode layers) are taken on CPU only; the plain forms TPUs and GPUs run
-    give the same logits, losses and greedy tokens (forced here on this CPU)."""
+    """`cpu_shapes` (the model config's runtime field; settings `model.cpu_shapes`) only changes
+    the forms XLA:CPU is given: the plain forms TPUs and GPUs run give the same logits, losses
+    and greedy tokens, here on this CPU. Off is the config's default."""
     from llava_jax import lora, losses
-    from llava_jax.models import layers
     from llava_jax.models.llava import init_params, tiny_config
     from llava_jax.sampling import SamplingConfig, _use_unstacked, generate
 
-    config = tiny_config()
-    base = init_params(config, jax.random.PRNGKey(0))
+    assert not tiny_config().text.cpu_shapes and not tiny_config().vision.cpu_shapes
+    base = init_params(tiny_config(), jax.random.PRNGKey(0))
     rng = np.random.RandomState(0)
     ids = rng.randint(3, 400, size=(2, 24)).astype(np.int32)
     mask = np.ones_like(ids)
     mask[0, :4] = 0
     labels = np.where(mask == 1, ids, -100)
+    size = tiny_config().vision.image_size
+    pixels = rng.randn(2, size, size, 3).astype(np.float32)
     greedy = SamplingConfig(max_new_tokens=5, temperature=0.0, eos_id=None, cache_dtype="float32")
     out = {}
-    for platform in ("cpu", "tpu"):
-        layers._FORCED_PLATFORM.append(platform)
-        try:
-            logits = np.asarray(lora.forward(config, base, None, ids, None, mask))
-            hidden = lora.forward(config, base, None, ids, None, mask, method="hidden")
-            sums = losses.head_cross_entropy(hidden, base["llm"]["lm_head"]["kernel"], jnp.asarray(labels),
-                                             jnp.ones(2))
-            tokens = np.asarray(generate(config, base, None, ids, mask, None, jax.random.PRNGKey(0), greedy)["tokens"])
-            out[platform] = (logits, sums, tokens, _use_unstacked(base, None, SamplingConfig()))
-        finally:
-            layers._FORCED_PLATFORM.pop()
-    np.testing.assert_allclose(out["tpu"][0][mask == 1], out["cpu"][0][mask == 1], atol=2e-5)
-    for a, b in zip(out["tpu"][1], out["cpu"][1]):
+    for on in (True, False):
+        config = tiny_config(cpu_shapes=on)
+        assert config.text.cpu_shapes is on and config.vision.cpu_shapes is on
+        logits = np.asarray(lora.forward(config, base, None, ids, pixels, mask))
+        hidden = lora.forward(config, base, None, ids, pixels, mask, method="hidden")
+        sums = losses.head_cross_entropy(hidden, base["llm"]["lm_head"]["kernel"], jnp.asarray(labels), jnp.ones(2))
+        tokens = np.asarray(generate(config, base, None, ids, mask, pixels, jax.random.PRNGKey(0), greedy)["tokens"])
+        out[on] = (logits, sums, tokens, _use_unstacked(config, base, None, SamplingConfig()))
+    np.testing.assert_allclose(out[False][0][mask == 1], out[True][0][mask == 1], atol=2e-5)
+    for a, b in zip(out[False][1], out[True][1]):
         np.testing.assert_allclose(a, b, rtol=1e-5)
-    np.testing.assert_array_equal(out["tpu"][2], out["cpu"][2])
-    assert out["cpu"][3] and not out["tpu"][3]
+    np.testing.assert_array_equal(out[False][2], out[True][2])
+    assert out[True][3] and not out[False][3]
+
+
+def test_cpu_shapes_is_resolved_once_from_the_setting():
+    """`model.cpu_shapes`: auto is on for CPU devices only (a compile check's TPU or GPU target
+    gets the accelerator forms), on / off as set; it reaches both towers through the runtime
+    knobs and is never written into a checkpoint's config."""
+    from configs.tiny_sft import get_config
+    from llava_jax.models.llava import LlavaConfig, tiny_config
+    from llava_jax.settings import RunSettings, cpu_shapes_on, describe_cpu_shapes, resolve_cpu_shapes
+
+    s = RunSettings.from_config(get_config())
+    assert s.model.cpu_shapes == "auto"
+    assert resolve_cpu_shapes(s, "cpu").model.cpu_shapes == "on"
+    for platform in ("tpu", "gpu"):
+        assert resolve_cpu_shapes(s, platform).model.cpu_shapes == "off"
+    for choice, platform in (("on", "tpu"), ("off", "cpu")):
+        forced = resolve_cpu_shapes(s.replace(model={"cpu_shapes": choice}), platform)
+        assert forced.model.cpu_shapes == choice
+    assert describe_cpu_shapes("auto", "off", "tpu") == "model.cpu_shapes: off (auto on tpu devices)"
+    with pytest.raises(ValueError, match="model.cpu_shapes='yes'"):
+        cpu_shapes_on("yes", "cpu")
+    on = tiny_config(**resolve_cpu_shapes(s, "cpu").model.runtime_knobs())
+    off = tiny_config(**resolve_cpu_shapes(s, "tpu").model.runtime_knobs())
+    assert on.text.cpu_shapes and on.vision.cpu_shapes and not off.text.cpu_shapes and not off.vision.cpu_shapes
+    data = on.to_dict()
+    assert "cpu_shapes" not in data["text"] and "cpu_shapes" not in data["vision"]
+    assert LlavaConfig.from_dict(data) == off

@@ -6,6 +6,7 @@ time a GPU is there)."""
 import re
 
 import numpy as np
+import pytest
 
 # bench_ppo's tiny --vs-hf shapes, also bench_gpu --tiny's PPO section's.
 PPO_ARGS = ["--rollout-batch", "4", "--step-batch", "2", "--response-len", "8"]
@@ -14,11 +15,13 @@ PPO_ARGS = ["--rollout-batch", "4", "--step-batch", "2", "--response-len", "8"]
 CUT_ARGS = ["--cut-ids", ",".join(str(i) for i in range(3, 103))]
 
 
-def test_bench_ppo_vs_hf_agrees_and_prints_the_ratio(capsys):
+@pytest.mark.parametrize("cpu_shapes", ["on", "off"])  # off: the TPU/GPU forms, on this CPU
+def test_bench_ppo_vs_hf_agrees_and_prints_the_ratio(capsys, cpu_shapes):
     from scripts.bench_ppo import main
 
-    main(["--vs-hf", *PPO_ARGS, *CUT_ARGS, "--rounds", "1"])  # exits 1 when the check fails
+    main(["--vs-hf", *PPO_ARGS, *CUT_ARGS, "--rounds", "1", "--cpu-shapes", cpu_shapes])  # exits 1 on a difference
     out = capsys.readouterr().out
+    assert f"cpu_shapes={cpu_shapes};" in out, out
     first = float(re.search(r"the first rollout: ([\d.]+) tokens", out).group(1))
     assert first < 7.0, out  # pads in the checked rollout
     assert "check (rtol 0.0001, atol 0.0001): PASS" in out, out

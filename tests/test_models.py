@@ -2,6 +2,8 @@
 
 Weights go through the real `load_hf`; errors are max |diff| / max |ref| over non-pad tokens.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,14 +30,18 @@ def clip_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("kv_heads,extra", [
-    (4, {}),  # plain multi-head attention
-    (2, {}),  # grouped-query attention
+# cpu_shapes False: the TPU/GPU forms (the config default); True: the XLA:CPU ones, on the
+# cheapest case that folds query groups.
+@pytest.mark.parametrize("kv_heads,extra,cpu_shapes", [
+    (4, {}, False),  # plain multi-head attention
+    (2, {}, False),  # grouped-query attention
     (1, {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
-    (2, {"tie_word_embeddings": True}),
-], ids=["mha", "gqa", "llama3-rope-mqa", "tied"])
-def test_llama_matches_hf(tmp_path, clip_dir, kv_heads, extra):
+                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+     False),
+    (2, {"tie_word_embeddings": True}, False),
+    (2, {}, True),
+], ids=["mha", "gqa", "llama3-rope-mqa", "tied", "gqa-cpu-shapes"])
+def test_llama_matches_hf(tmp_path, clip_dir, kv_heads, extra, cpu_shapes):
     torch.manual_seed(0)
     hf = torch_model = __import__("transformers").LlamaForCausalLM(tiny_hf.llama_config(kv_heads, **extra)).eval()
     tiny_hf._randomise_norms(hf)
@@ -44,7 +50,9 @@ def test_llama_matches_hf(tmp_path, clip_dir, kv_heads, extra):
     assert config.text.num_kv_heads == kv_heads
     assert ("lm_head" in params["llm"]) == (not extra.get("tie_word_embeddings", False))
     ids, mask = tiny_hf.left_padded_batch(seq=40, pads=[0, 5, 17])
-    ours = np.asarray(Llama(config.text).apply({"params": params["llm"]}, ids, mask))
+    assert not config.text.cpu_shapes  # load_hf: the default runtime
+    text = dataclasses.replace(config.text, cpu_shapes=cpu_shapes)
+    ours = np.asarray(Llama(text).apply({"params": params["llm"]}, ids, mask))
     ref = _llama_logits(torch_model, ids, mask)
     assert tiny_hf.rel_error(ours, ref, mask) <= 1e-5
 
@@ -120,8 +128,10 @@ def llava_pair(request, llava_models):
     return llava_models[request.param]
 
 
-def test_llava_matches_hf_with_mixed_image_batch(llava_pair):
-    hf, config, params = llava_pair
+@pytest.mark.parametrize("projector,cpu_shapes", [("mlp2x_gelu", False), ("linear", False), ("linear", True)])
+def test_llava_matches_hf_with_mixed_image_batch(llava_models, projector, cpu_shapes):
+    hf, config, params = llava_models[projector]
+    config = config.with_runtime(cpu_shapes=cpu_shapes)  # both towers and the projector
     ids, mask, pixels, has_image = _llava_batch(config)
     ours = np.asarray(Llava(config).apply({"params": params}, ids, pixels, mask))
     ref = _hf_llava_logits(hf, ids, mask, pixels, has_image)

@@ -64,9 +64,13 @@ def test_cached_decode_logits_equal_full_forward(world):
         assert tiny_hf.rel_error(logits, full[:, tp - 1 + t]) <= 1e-5, t
 
 
-@pytest.mark.parametrize("with_image", [True, False], ids=["image", "text-only"])
-def test_greedy_tokens_match_hf_generate(world, with_image):
+@pytest.mark.parametrize("with_image,cpu_shapes", [(True, False), (False, False), (True, True)],
+                         ids=["image", "text-only", "image-cpu-shapes"])
+def test_greedy_tokens_match_hf_generate(world, with_image, cpu_shapes):
+    """cpu_shapes False: the TPU/GPU forms (load_hf's default); True: XLA:CPU's (folded query
+    groups, unstacked decode layers)."""
     hf, config, base = world
+    config = config.with_runtime(cpu_shapes=cpu_shapes)
     ids, mask, pixels = _prompts(config, with_image)
     sampling = SamplingConfig(max_new_tokens=NEW, temperature=0.0, eos_id=None, cache_dtype="float32")
     out = generate_fn(config, sampling)(base, None, ids, mask, pixels, jax.random.PRNGKey(0))
@@ -130,7 +134,7 @@ def test_stop_sequence_and_adapter(world):
 
 
 def test_unstacked_layers_decode_like_the_scanned_layers(world):
-    """The per-layer decode path (the CPU default) and the scanned one: same tokens and log-probs,
+    """The per-layer decode path (cpu_shapes' default) and the scanned one: same tokens and log-probs,
     with an adapter and sampling."""
     _, config, base = world
     ids, mask, pixels = _prompts(config, with_image=True)

@@ -32,6 +32,7 @@ class ClipVisionConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    cpu_shapes: bool = False  # see LlamaConfig.cpu_shapes
 
     @property
     def num_patches(self) -> int:
@@ -49,7 +50,8 @@ class ClipAttention(nn.Module):
         heads = cfg.num_heads
         q, k, v = (dense(d, ("embed", "heads"), name=n, **kw)(x).reshape(b, t, heads, d // heads)
                    for n in ("q_proj", "k_proj", "v_proj"))
-        out = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=None).reshape(b, t, d)
+        out = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=None,
+                        fold=cfg.cpu_shapes).reshape(b, t, d)
         return dense(d, ("heads", "embed"), name="o_proj", **kw)(out)
 
 

@@ -25,9 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from llava_jax.models.layers import compile_platform
-
 BLOCK = 128
+
+
+def compile_platform() -> str:
+    """The platform a trace is for: the set mesh's devices ("tpu" for a slice compiled for
+    from a CPU host), else the default backend. Picks the kernel that can run there (a Mosaic
+    kernel does not compile for a GPU); it tunes no shapes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array,

@@ -51,6 +51,10 @@ class LlamaConfig:
     attention: str = "xla"  # whole-sequence attention: xla (causal_attention.py) | flash (flash_attention.py)
     lora_scale: float = 1.0  # set per adapter by llava_jax.lora (alpha / rank)
     lora_dropout: float = 0.0
+    # The forms XLA:CPU runs faster (folded query groups in layers.attention, unstacked decode
+    # layers in sampling.generate); set from settings' model.cpu_shapes at the run's entry.
+    # False: the TPU/GPU forms, on every backend.
+    cpu_shapes: bool = False
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -174,11 +178,11 @@ class LlamaAttention(nn.Module):
             if t == 1 and not self.write_first:  # decode: read the cache as it is; the new token joins as extra_kv
                 unwritten = jnp.arange(cache["k"].shape[2])[None, None, :] >= cache_index
                 out = attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), mask & ~unwritten,
-                                extra_kv=(k, v))
+                                extra_kv=(k, v), fold=cfg.cpu_shapes)
             else:  # prefill (once per generation) or write_first: write the keys/values, then attend
                 k, v = (jax.lax.dynamic_update_slice(cache[n], new_rows[n], (0, 0, cache_index, 0)).astype(q.dtype)
                         for n in ("k", "v"))
-                out = attention(q, k, v, mask)
+                out = attention(q, k, v, mask, fold=cfg.cpu_shapes)
         out = out.reshape(b, t, cfg.num_heads * hd)
         return dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out), new_rows
 

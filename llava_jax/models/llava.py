@@ -44,15 +44,20 @@ class LlavaConfig:
         return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
 
     def with_runtime(self, **knobs: Any) -> "LlavaConfig":
-        """Sets runtime knobs (dtype, param_dtype, remat_policy) on both towers at once; the
-        LLM's own (attention) on the LLM only."""
+        """Sets runtime knobs (dtype, param_dtype, remat_policy, cpu_shapes) on both towers at
+        once; the LLM's own (attention) on the LLM only."""
         vision_fields = {f.name for f in dataclasses.fields(self.vision)}
         vision = {k: v for k, v in knobs.items() if k in vision_fields}
         return dataclasses.replace(self, vision=dataclasses.replace(self.vision, **vision),
                                    text=dataclasses.replace(self.text, **knobs))
 
     def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
+        """The JSON form, without `cpu_shapes`: a choice of the run's devices, not of the model
+        (a checkpoint written on CPU must not carry CPU shapes to a TPU run)."""
+        data = config_to_dict(self)
+        for tower in ("vision", "text"):
+            data[tower].pop("cpu_shapes")
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LlavaConfig":
