@@ -29,7 +29,9 @@ def _rm(batch_size: int, max_length: int):
 
 def test_tiny_rm_step_compiles_for_v5e_8(v5e_mesh):
     cfg = _rm(16, 128)
-    (report,) = cc.check(cfg, v5e_mesh, log=lambda _: None)
+    logs: list[str] = []
+    (report,) = cc.check(cfg, v5e_mesh, log=logs.append)
+    assert "model.cpu_shapes: off (auto on tpu devices)" in logs  # the target's forms, not this CPU's
     assert not report.error and report.fits(targets.GENERATIONS["v5e"].hbm_bytes)
     assert 0 < report.peak < 2**30 and report.temp > 0 and report.model_flops > 0
     # The compiler's peak: the step's buffers and its live temporaries, nothing counted twice.
