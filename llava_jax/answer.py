@@ -15,6 +15,7 @@ from llava_jax import sharding
 from llava_jax.data import EvalDataset, Loader
 from llava_jax.data.eval_data import EvalQuestion
 from llava_jax.sampling import SamplingConfig, generate_fn
+from llava_jax.settings import cpu_shapes_on
 
 
 def _put_batch(value: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -53,15 +54,15 @@ def answer_batches(config: Any, base: dict, adapter: Any, tokenizer: Any, datase
         loader.close()
 
 
-def load_answering_model(ckpt: str, adapter: str | None = None, dtype: str = "float32", *, mesh: Mesh
-                         ) -> tuple[Any, dict, Any]:
+def load_answering_model(ckpt: str, adapter: str | None = None, dtype: str = "float32", *, mesh: Mesh,
+                         cpu_shapes: str = "auto") -> tuple[Any, dict, Any]:
     """(config, base, adapter or None) of a checkpoint, restored into their shards over `mesh`;
     `adapter` names one inside it (CKPT/adapters/NAME) or is an adapter directory (a LoRA or
-    PPO run's workdir/adapter)."""
+    PPO run's workdir/adapter). `cpu_shapes` is `model.cpu_shapes`, decided for the mesh's devices."""
     from llava_jax.model_ckpt import load_adapter, load_adapter_dir, load_checkpoint
 
     config, base = load_checkpoint(ckpt, dtype=dtype, mesh=mesh)
-    config = config.with_runtime(dtype=dtype)
+    config = config.with_runtime(dtype=dtype, cpu_shapes=cpu_shapes_on(cpu_shapes, mesh.devices.flat[0].platform))
     if not adapter:
         return config, base, None
     if os.path.isdir(adapter) and not os.path.isdir(os.path.join(ckpt, "adapters", adapter)):

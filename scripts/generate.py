@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     from llava_jax.data.eval_data import PROTOCOLS
     from llava_jax.files import ConversionError
     from llava_jax.sampling import SamplingConfig
+    from llava_jax.settings import cpu_shapes_on
 
     protocol = PROTOCOLS[a.protocol][a.format]
     for field in ("template", "temperature", "max_new_tokens"):
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         mesh = sharding.make_mesh(sharding.parse_mesh(a.mesh))
     except ValueError as e:
         p.error(str(e))
-    print(f"mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} device(s), {a.dtype}")
+    print(f"mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} device(s), {a.dtype}; "
+          f"model.cpu_shapes auto: {'on' if cpu_shapes_on('auto', mesh.devices.flat[0].platform) else 'off'}")
     try:
         config, base, adapter = load_answering_model(a.ckpt, a.adapter, a.dtype, mesh=mesh)
         tokenizer = load_tokenizer(a.tokenizer)
