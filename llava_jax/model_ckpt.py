@@ -21,7 +21,7 @@ from llava_jax.files import ConversionError, atomic_output_dir
 from llava_jax.heads import init_head
 from llava_jax.lora import Adapter, LoraConfig, check_adapter, init_adapter
 from llava_jax.models.llava import LlavaConfig, init_params, logical_axes
-from llava_jax.sharding import adapter_logical_axes, make_mesh, param_shardings, replicated, shardings_for
+from llava_jax.sharding import adapter_logical_axes, host_mesh, param_shardings, replicated, shardings_for
 from llava_jax.trainable import flat_leaves
 
 FORMAT = "llava_jax.model/1"
@@ -105,8 +105,7 @@ def save_checkpoint(path: str, config: LlavaConfig, params: dict, *, overwrite: 
     arrays (same values) sharded over this host's devices by the model's logical axes."""
     path = os.path.abspath(path)
     if any(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params)):
-        mesh = make_mesh((1, -1, 1), jax.local_devices())
-        _numpy_to_shards_in_place(params, param_shardings(config, params, mesh))
+        _numpy_to_shards_in_place(params, param_shardings(config, params, host_mesh()))
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({"format": FORMAT, "llava": config.to_dict(), **(extra or {})}, f, indent=2)

@@ -85,26 +85,19 @@ def load_roles(s: RunSettings, mesh: Any) -> tuple[roles.PPOSpec, dict, dict]:
     if p.policy_adapter:
         policy, _, _ = load_adapter_dir(p.policy_adapter, policy_base, mesh=mesh, config=policy_config)
     else:  # b = 0: the policy starts as (and the reference stays) the base model
-        policy = _sharded(lambda: lora_lib.init_adapter(policy_base, s.train.lora_config(),
-                                                        jax.random.PRNGKey(s.seed)),
-                          lambda a: lora_lib.Adapter(sharding.adapter_logical_axes(a.params, logical_axes(policy_config)),
-                                                     a.config), mesh)
+        policy = run_setup.made_in_shards(
+            lambda: lora_lib.init_adapter(policy_base, s.train.lora_config(), jax.random.PRNGKey(s.seed)),
+            lambda a: sharding.shardings_for(a, lora_lib.Adapter(
+                sharding.adapter_logical_axes(a.params, logical_axes(policy_config)), a.config), mesh))
     reward, reward_head, kind = load_adapter_dir(p.reward_adapter, rbase, mesh=mesh, config=reward_config)
     if kind != "reward":
         raise ValueError(f"config.ppo.reward_adapter={p.reward_adapter!r} has no reward head (head: {kind})")
     spec = roles.PPOSpec(policy_config, policy.config, reward_config, reward.config, reward.config, shared,
                          temperature=p.temperature)
-    value_head = _sharded(lambda: heads.init_head("value", reward_config.text.hidden_size),
-                          lambda h: jax.tree_util.tree_map(lambda _: PartitionSpec(), h), mesh)
+    value_head = run_setup.made_in_shards(lambda: heads.init_head("value", reward_config.text.hidden_size),
+                                          lambda h: jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), h))
     params, frozen = roles_trees(policy_base, policy, reward, reward_head, value_head, None if shared else rbase)
     return spec, params, frozen
-
-
-def _sharded(make: Callable[[], Any], logical: Callable[[Any], Any], mesh: Any) -> Any:
-    """`make()` (a traceable initialiser) run inside a jit whose outputs are laid out by
-    `logical(shapes)` over `mesh`: fresh trees land in their shards, not on one device."""
-    shapes = jax.eval_shape(make)
-    return jax.jit(make, out_shardings=sharding.shardings_for(shapes, logical(shapes), mesh))()
 
 
 def roles_logical(spec: roles.PPOSpec, tree: dict) -> dict:

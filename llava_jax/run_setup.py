@@ -36,14 +36,19 @@ def load_model(s: RunSettings, mesh: Any) -> tuple[Any, dict, lora_lib.Adapter |
     if s.model.init == "tiny":
         config = tiny_config(**runtime)
         dtype, rng = jnp.dtype(s.model.param_dtype), jax.random.PRNGKey(s.seed)
-        make = lambda: trainable.cast_tree(init_params(config, rng), dtype)  # noqa: E731
-        shapes = jax.eval_shape(make)
-        base = jax.jit(make, out_shardings=sharding.param_shardings(config, shapes, mesh))()
+        base = made_in_shards(lambda: trainable.cast_tree(init_params(config, rng), dtype),
+                              lambda shapes: sharding.param_shardings(config, shapes, mesh))
     else:
         config, base = load_checkpoint(s.model.init, dtype=s.model.param_dtype, mesh=mesh)
         config = config.with_runtime(**runtime)
     adapter = load_adapter(s.model.init, s.model.adapter, mesh=mesh)[0] if s.model.adapter else None
     return config, base, adapter
+
+
+def made_in_shards(make: Callable[[], Any], shardings_of: Callable[[Any], Any]) -> Any:
+    """`make()` (a traceable initialiser) run inside a jit whose outputs are laid out by
+    `shardings_of(shapes)`: fresh trees land in their shards, never whole on one device."""
+    return jax.jit(make, out_shardings=shardings_of(jax.eval_shape(make)))()
 
 
 TRAINABLE_PARTS = {"projector": ["projector"], "projector+llm": ["projector", "llm"], "lora": [],
@@ -71,7 +76,7 @@ def split_trainable(s: RunSettings, config: Any, base: dict, start_adapter: lora
 
 
 def trainable_builder(s: RunSettings, config: Any, base: dict, start_adapter: lora_lib.Adapter | None,
-                      rng: jax.Array) -> tuple[ModelSpec, dict, dict, Callable[[], dict], tuple]:
+                      rng: jax.Array) -> tuple[ModelSpec, dict, dict, Callable[..., dict], tuple]:
     """(spec, trainable params' ShapeDtypeStructs, frozen base, make, make's arguments):
     `make(*args)` is the traceable function that builds the trainable params from the base
     and starting adapter, so the float32 casts and fresh adapters happen inside the jit that

@@ -81,6 +81,12 @@ def make_mesh(shape: Sequence[int] | dict[str, int] = (1, -1, 1), devices: Seque
     return Mesh(np.asarray(devices[:math.prod(resolved)]).reshape(resolved), MESH_AXES)
 
 
+def host_mesh() -> Mesh:
+    """fsdp over every device of this process: the layout of one-process tools (conversion,
+    checkpoint writes from host arrays)."""
+    return make_mesh((1, -1, 1), jax.local_devices())
+
+
 def _spec_for(shape: tuple[int, ...], logical: PartitionSpec | None, mesh: Mesh) -> PartitionSpec:
     """Logical spec -> mesh spec, replicating any dimension the mesh axes do not divide."""
     if logical is None:

@@ -69,7 +69,6 @@ def cmd_import_adapter(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    import jax
     import jax.numpy as jnp
 
     from llava_jax.convert import ConversionError, export_hf
@@ -86,9 +85,9 @@ def cmd_export(args: argparse.Namespace) -> None:
         return
     if args.format == "merged":  # merged in the shards of this host's devices, then brought home leaf by leaf
         from llava_jax.lora import merge_in_shards
-        from llava_jax.sharding import make_mesh
+        from llava_jax.sharding import host_mesh
 
-        mesh = make_mesh((1, -1, 1), jax.local_devices())
+        mesh = host_mesh()
         config, params = load_checkpoint(args.ckpt, mesh=mesh)
         params = merge_in_shards(params, load_adapter(args.ckpt, args.adapter, mesh=mesh)[0])
     else:  # host arrays: export_hf writes them leaf by leaf without a device
@@ -102,13 +101,11 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    import jax
-
     from llava_jax.model_ckpt import load_checkpoint
     from llava_jax.convert.verify import verify
-    from llava_jax.sharding import make_mesh
+    from llava_jax.sharding import host_mesh
 
-    config, params = load_checkpoint(args.ckpt, mesh=make_mesh((1, -1, 1), jax.local_devices()))
+    config, params = load_checkpoint(args.ckpt, mesh=host_mesh())
     r = verify(args.hf, config, params, vision_dir=args.vision_tower, dtype=args.dtype, seed=args.seed)
     print(f"compared {r.compared_tokens} tokens: max |logit diff| {r.max_abs_error:.3e}, "
           f"max |logit| {r.max_abs_logit:.3e}, relative error {r.rel_error:.3e}")
