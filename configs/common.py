@@ -115,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.toy_dir = ""  # toy world (data/toy): PPO logs the rollouts' hallucination_rate and ends with a
-    # greedy held-out evaluation of the SFT and PPO policies (llava_jax/toy_eval.py); "" = off
+    # greedy held-out evaluation of the SFT and PPO policies (llava_jax/eval/toy_eval.py); "" = off
     c.eval.batch_size = 64  # questions per generate call in that evaluation
 
     c.mesh = ml_collections.ConfigDict()

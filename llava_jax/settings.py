@@ -15,7 +15,7 @@ import os
 import typing
 from typing import Any
 
-from llava_jax.optim import OptimConfig
+from llava_jax.train.optim import OptimConfig
 
 STAGES = ("sft", "rm", "ppo")
 CPU_SHAPES = ("auto", "on", "off")
@@ -79,7 +79,7 @@ class TrainSettings:
     max_steps: int
 
     def lora_config(self) -> Any:
-        from llava_jax.lora import LoraConfig
+        from llava_jax.models.lora import LoraConfig
 
         targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
         return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets)
@@ -331,7 +331,7 @@ def validate(s: RunSettings, process_count: int, device_count: int) -> None:
 
 
 def _validate_ppo(s: RunSettings, procs: int) -> None:
-    from llava_jax.ppo import PPOHyper
+    from llava_jax.rl.ppo import PPOHyper
 
     p = s.ppo
     if not p.reward_adapter or not os.path.isdir(p.reward_adapter):

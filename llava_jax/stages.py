@@ -61,9 +61,9 @@ def run_stage(s: RunSettings, overrides: Sequence[str] = ()) -> dict:
 def _run(s: RunSettings) -> dict:
     s = resolve_for_devices(s)
     if s.stage == "ppo":
-        from llava_jax.ppo_loop import run_ppo
+        from llava_jax.rl.loop import run_ppo
 
         return run_ppo(s)
-    from llava_jax.train_loop import run_train
+    from llava_jax.train.loop import run_train
 
     return run_train(s)

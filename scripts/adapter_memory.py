@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from llava_jax.lora import LoraConfig, init_adapter  # noqa: E402
+from llava_jax.models.lora import LoraConfig, init_adapter  # noqa: E402
 from llava_jax.models.clip import ClipVisionConfig  # noqa: E402
 from llava_jax.models.llama import LlamaConfig  # noqa: E402
 from llava_jax.models.llava import LlavaConfig, init_params  # noqa: E402

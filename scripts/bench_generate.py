@@ -86,7 +86,7 @@ def main() -> None:
     import torch
 
     from llava_jax.convert import load_hf
-    from llava_jax.sampling import SamplingConfig, generate_fn
+    from llava_jax.generate.sampling import SamplingConfig, generate_fn
 
     torch.set_num_threads(os.cpu_count() or 1)
     hf = build_hf(a.layers, a.hidden, a.vocab, a.image_size)

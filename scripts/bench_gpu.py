@@ -132,7 +132,7 @@ def decode_bytes(config: LlavaConfig, base: dict, batch: int, prompt: int, new_t
 
 
 def bench_decode(config: LlavaConfig, base: dict, a: argparse.Namespace, bandwidth: float) -> Row:
-    from llava_jax.sampling import SamplingConfig, generate_fn
+    from llava_jax.generate.sampling import SamplingConfig, generate_fn
     from scripts.bench_ppo_world import make_prompts
 
     prompts = make_prompts(config, a.decode_batch, a.text_len)
@@ -230,7 +230,7 @@ def run_section(name: str, fn: Callable[..., Row], *args: Any) -> Row:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from llava_jax.metrics import peak_flops
+    from llava_jax.train.metrics import peak_flops
 
     start = time.perf_counter()
     a = parse(argv)

@@ -31,7 +31,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 from configs.tiny_sft import get_config
 try:  # this checkout: typed settings and the SFT/RM loop
     from llava_jax.settings import RunSettings
-    from llava_jax.train_loop import run_train
+    from llava_jax.train.loop import run_train
     run = lambda cfg: run_train(RunSettings.from_config(cfg))
 except ImportError:  # revisions before the drivers were rebuilt
     from llava_jax.trainer import run

@@ -56,8 +56,8 @@ if TYPE_CHECKING:
 
 # --- default mode: the PPO driver ------------------------------------------------------------------------------
 def make_world(root: str, config: LlavaConfig, rank: int) -> tuple[str, str]:
-    from llava_jax import heads, lora as lora_lib
-    from llava_jax.model_ckpt import save_checkpoint, write_adapter_dir
+    from llava_jax.models import heads, lora as lora_lib
+    from llava_jax.models.weights import save_checkpoint, write_adapter_dir
     from llava_jax.models.llava import init_params
 
     base = jax.device_get(init_params(config, jax.random.PRNGKey(0)))
@@ -71,7 +71,7 @@ def make_world(root: str, config: LlavaConfig, rank: int) -> tuple[str, str]:
 def run_driver(cfg: Any) -> None:
     """The one call into the PPO driver (its module has moved once: ppo_trainer -> ppo_loop)."""
     try:
-        from llava_jax.ppo_loop import run_ppo
+        from llava_jax.rl.loop import run_ppo
         from llava_jax.settings import RunSettings
     except ImportError:
         from llava_jax.ppo_trainer import run_ppo  # the driver before the settings refactor

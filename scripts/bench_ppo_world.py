@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 if TYPE_CHECKING:
-    from llava_jax.lora import Adapter, LoraConfig
+    from llava_jax.models.lora import Adapter, LoraConfig
     from llava_jax.models.llava import LlavaConfig
 
 MODELS = {  # name: (layers, hidden, intermediate, heads, image size)
@@ -60,7 +60,7 @@ def describe(config: LlavaConfig) -> str:
 
 def random_adapter(base: dict, lora: LoraConfig, rng: jax.Array, scale: float = 0.05) -> Adapter:
     """A LoRA adapter with random `b` too (a trained adapter: it moves the model off the base)."""
-    from llava_jax import lora as lora_lib
+    from llava_jax.models import lora as lora_lib
 
     adapter = lora_lib.init_adapter(base, lora, rng)
     leaves, tree = jax.tree_util.tree_flatten_with_path(adapter.params)
@@ -76,7 +76,7 @@ def make_roles(config: LlavaConfig, rank: int, alpha: float = 16.0, seed: int = 
     The policy has moved off its reference (two random adapters); the value adapter starts
     as the reward adapter (the original's init); the value head is random rather than the
     original's zeros, so the first update already sends gradients through the value adapter."""
-    from llava_jax import heads, lora as lora_lib
+    from llava_jax.models import heads, lora as lora_lib
     from llava_jax.models.llava import init_params
 
     key = jax.random.PRNGKey(seed)
@@ -152,8 +152,8 @@ def minibatch_orders(seed: int, round_: int, epochs: int, rows: int) -> list[np.
 def ppo_settings(lr: float) -> tuple[Any, Any, float, Any, Any]:
     """(PPOHyper, RewardWeights, kl_coef, OptimConfig) from configs/common.py; lr constant."""
     from configs.common import base_config
-    from llava_jax import fact_reward, ppo_setup
-    from llava_jax.optim import OptimConfig
+    from llava_jax.rl import fact_reward, setup as ppo_setup
+    from llava_jax.train.optim import OptimConfig
 
     c = base_config()
     p = c.ppo
@@ -171,10 +171,11 @@ class OursPPO:
     def __init__(self, config: LlavaConfig, base: dict, adapters: dict, head_of: dict, *, response_len: int,
                  dtype: str, lr: float = 3e-5, rating_ids: np.ndarray, cut_ids: tuple[int, ...] = (),
                  seed: int = 0, cpu_shapes: bool = False) -> None:
-        from llava_jax import ppo, roles, rollout, trainable
-        from llava_jax.sampling import SamplingConfig
-        from llava_jax.optim import make_optimizer
-        from llava_jax.train_state import create_state
+        from llava_jax.rl import ppo, roles, rollout
+        from llava_jax.models import trainable
+        from llava_jax.generate.sampling import SamplingConfig
+        from llava_jax.train.optim import make_optimizer
+        from llava_jax.train.state import create_state
 
         self.hyper, weights, self.kl_coef, optim, self.cfg = ppo_settings(lr)
         config = config.with_runtime(dtype=dtype, param_dtype=dtype, cpu_shapes=cpu_shapes)
@@ -225,7 +226,7 @@ class OursPPO:
         return out
 
     def update(self, rollout: dict, orders: list[np.ndarray], step_batch: int, times: dict) -> list[dict]:
-        from llava_jax import ppo_setup
+        from llava_jax.rl import setup as ppo_setup
 
         begin = time.perf_counter()
         data = {k: v for k, v in rollout.items() if k in self.update_keys}
@@ -239,7 +240,7 @@ class OursPPO:
         """Each trained tree's gradient norm of the mean loss on rows `rows` (for the check)."""
         import optax
 
-        from llava_jax import ppo, ppo_setup
+        from llava_jax.rl import ppo, setup as ppo_setup
 
         def loss(params: dict, minibatch: dict, rollout_params: dict) -> jax.Array:
             total, aux = ppo.ppo_loss_sums(self.spec, self.hyper, params, self.frozen, minibatch, rollout_params)

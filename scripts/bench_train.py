@@ -78,10 +78,11 @@ def time_steps(steps_by_name: dict, steps: int) -> dict[str, tuple[float, float,
 
 def ours_step_fn(mode: str, config, base: dict, batch: dict, rank: int, alpha: float, dtype: str, total: int):
     """A closure running one donated, jitted `sft_step` (trainable tree as trainer.split_trainable)."""
-    from llava_jax import lora as lora_lib, trainable
-    from llava_jax.optim import OptimConfig, make_optimizer
-    from llava_jax.sft import sft_step
-    from llava_jax.train_state import ModelSpec, create_state
+    from llava_jax.models import lora as lora_lib
+    from llava_jax.models import trainable
+    from llava_jax.train.optim import OptimConfig, make_optimizer
+    from llava_jax.train.sft import sft_step
+    from llava_jax.train.state import ModelSpec, create_state
 
     rng = jax.random.PRNGKey(0)
     train_base, frozen = trainable.split_base(base, ["projector", "llm"] if mode == "full" else [])
@@ -167,7 +168,7 @@ def matmul_peak(torch_device=None, size: int = 4096, reps: int = 5) -> dict[str,
 
 def step_flops(mode: str, config, base: dict, batch: int, seq: int) -> float:
     """Model FLOPs of one step: LLM (train or LoRA), projector on image tokens, frozen vision forward."""
-    from llava_jax.metrics import transformer_train_flops
+    from llava_jax.train.metrics import transformer_train_flops
 
     size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     llm = size(base["llm"]) - size(base["llm"]["embed_tokens"])  # a lookup is no matmul
@@ -231,7 +232,7 @@ def main() -> None:
                    help="model.cpu_shapes (auto: on on a CPU); both: ours with it on and off, taking turns")
     a = p.parse_args()
 
-    from llava_jax.metrics import peak_flops
+    from llava_jax.train.metrics import peak_flops
 
     modes = ["full", "lora"] if a.mode == "both" else [a.mode]
     config, base, hf, torch_device, init_state = build_models(a)

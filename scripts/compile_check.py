@@ -83,8 +83,8 @@ def target_columns(target, devices: int, device_kind: str) -> tuple[dict, dict, 
     """(memories, their column names, where it compiles) of a TPU or GPU target. The TPU
     compiler refuses a program that does not fit; the GPU compiler compiles any size, so its
     column is our per-device total against the device memory."""
-    from llava_jax import targets
-    from llava_jax.targets import GiB
+    from llava_jax.aot import targets
+    from llava_jax.aot.targets import GiB
 
     memory = target.memory_bytes
     if isinstance(target, targets.TpuTarget):
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["XLA_FLAGS"] = flags.strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-    from llava_jax import compile_check as cc, compile_report, sharding, targets  # imports jax: after XLA_FLAGS
+    from llava_jax import sharding
+    from llava_jax.aot import compile_check as cc, report as compile_report, targets  # imports jax: after XLA_FLAGS
     from llava_jax.settings import RunSettings, load_config_file
 
     try:

@@ -22,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from llava_jax.convert import export_hf, load_hf  # noqa: E402
-from llava_jax.model_ckpt import load_checkpoint, save_checkpoint  # noqa: E402
+from llava_jax.models.weights import load_checkpoint, save_checkpoint  # noqa: E402
 from llava_jax.models.llava import Llava, init_params, tiny_config  # noqa: E402
 
 

@@ -7,7 +7,7 @@ stand-in for the paper's MMHal-Bench / POPE table):
 
 Each MODEL is NAME=CKPT[:ADAPTER] (ADAPTER: an adapter directory, e.g. a run's
 workdir/adapter, or an adapter name inside CKPT). Greedy answers to the held-out describe,
-POPE-style and multiple-choice questions (llava_jax/toy_eval.py); prints the before/after
+POPE-style and multiple-choice questions (llava_jax/eval/toy_eval.py); prints the before/after
 table and writes OUT/NAME.answers.jsonl (describe), NAME.pope.jsonl, NAME.mc.jsonl and
 OUT/summary.json. Weights, prompts and KV cache are sharded over a mesh of every local device
 (`--mesh`, as training's mesh). `python scripts/train.py --config configs/tiny_ppo.py` ends with the same
@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     skip_absent_tpu()  # before any backend starts
     from llava_jax import sharding
-    from llava_jax.answer import load_answering_model
+    from llava_jax.generate.answer import load_answering_model
     from llava_jax.data import load_tokenizer
     from llava_jax.files import ConversionError
-    from llava_jax.toy_eval import compare, format_table
+    from llava_jax.eval.toy_eval import compare, format_table
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", help="NAME=CKPT[:ADAPTER]")

@@ -104,7 +104,7 @@ def finish_mmhal(out: str, answers: list[dict]) -> None:
 
 
 def report_pope(questions_path: str, answers: list[dict]) -> dict:
-    from llava_jax.pope import pope_by_category
+    from llava_jax.eval.pope import pope_by_category
 
     with open(questions_path) as f:
         questions = {json.dumps(q["question_id"]): q for q in (json.loads(line) for line in f if line.strip())}
@@ -151,11 +151,11 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     skip_absent_tpu()  # before any backend starts
     from llava_jax import sharding
-    from llava_jax.answer import answer_batches, load_answering_model
+    from llava_jax.generate.answer import answer_batches, load_answering_model
     from llava_jax.data import EvalDataset, load_tokenizer, make_answer, vision_kwargs
     from llava_jax.data.eval_data import PROTOCOLS
     from llava_jax.files import ConversionError
-    from llava_jax.sampling import SamplingConfig
+    from llava_jax.generate.sampling import SamplingConfig
     from llava_jax.settings import cpu_shapes_on
 
     protocol = PROTOCOLS[a.protocol][a.format]

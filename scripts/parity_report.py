@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import tiny_hf  # noqa: E402
-from llava_jax import lora  # noqa: E402
+from llava_jax.models import lora  # noqa: E402
 from llava_jax.convert import load_hf  # noqa: E402
 from llava_jax.convert.peft import read_peft_adapter  # noqa: E402
 from llava_jax.models.clip import ClipVision  # noqa: E402

@@ -3,7 +3,7 @@
 
   python scripts/plot_metrics.py RUN_DIR [--out FILE.png] [--keys loss,accuracy,...]
 
-Reads RUN_DIR/metrics.jsonl (as written by llava_jax.metrics.MetricsWriter), writes
+Reads RUN_DIR/metrics.jsonl (as written by llava_jax.train.metrics.MetricsWriter), writes
 RUN_DIR/metrics.png unless --out is given, and prints the path. Without --keys every key
 with a numeric value is plotted, in first-logged order. Missing or null (non-finite)
 values leave gaps rather than being drawn as zero.
@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llava_jax.metrics import numeric_keys, plot, read_metrics  # noqa: E402
+from llava_jax.train.metrics import numeric_keys, plot, read_metrics  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -6,7 +6,7 @@
 Per seed, the README's chain with `--config.seed=SEED` on every stage: tiny_sft, then the
 reward model with facts (tiny_rm) and without (tiny_rm_nofacts) over that SFT model, then
 PPO against each (tiny_ppo, tiny_ppo_nofacts), each ending with the held-out evaluation
-(llava_jax/toy_eval.py). Prints, per seed and as mean [min, max] over the seeds: the RMs'
+(llava_jax/eval/toy_eval.py). Prints, per seed and as mean [min, max] over the seeds: the RMs'
 held-out accuracy, and hallucinating answers, recall and answer length of the SFT policy and
 of both PPO policies. Runs under OUT/seed_N/ (a finished stage is not rerun); OUT/results.json.
 """
@@ -37,7 +37,7 @@ def stage_config(name: str, seed: int, root: str):
 
 
 def run_seed(seed: int, root: str) -> dict:
-    from llava_jax.metrics import read_metrics
+    from llava_jax.train.metrics import read_metrics
     from llava_jax.stages import exported_result, run_stage
 
     out: dict = {"seconds": {}}

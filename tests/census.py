@@ -95,7 +95,7 @@ def make_checkpoint(path: str, seed: int) -> int:
     import jax
     import numpy as np
 
-    from llava_jax.model_ckpt import save_checkpoint
+    from llava_jax.models.weights import save_checkpoint
     from llava_jax.models.llava import init_params
 
     config = census_config()
@@ -117,8 +117,8 @@ def _train_config(stage_config: Any, workdir: str, ckpt: str, **overrides: Any) 
 def _reward_adapter(path: str) -> None:
     import jax
 
-    from llava_jax import heads, lora as lora_lib
-    from llava_jax.model_ckpt import abstract_params, write_adapter_dir
+    from llava_jax.models import heads, lora as lora_lib
+    from llava_jax.models.weights import abstract_params, write_adapter_dir
 
     if os.path.isdir(path):
         return

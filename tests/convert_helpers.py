@@ -28,7 +28,7 @@ if os.path.join(REPO, "tests") not in sys.path:
 import tiny_hf  # noqa: E402
 
 from llava_jax.convert import ConversionError, export_hf, load_hf  # noqa: E402
-from llava_jax.model_ckpt import load_checkpoint, save_checkpoint  # noqa: E402
+from llava_jax.models.weights import load_checkpoint, save_checkpoint  # noqa: E402
 from llava_jax.convert.verify import verify  # noqa: E402
 from llava_jax.models.llava import Llava  # noqa: E402
 

@@ -15,9 +15,9 @@ ROOT = os.path.dirname(TESTS)
 def run_config(cfg) -> dict:
     """Runs the stage of a ConfigDict in this process, as scripts/train.py would after its
     requirements: read into settings, then the stage's loop."""
-    from llava_jax.ppo_loop import run_ppo
+    from llava_jax.rl.loop import run_ppo
     from llava_jax.settings import RunSettings
-    from llava_jax.train_loop import run_train
+    from llava_jax.train.loop import run_train
 
     settings = RunSettings.from_config(cfg)
     return run_ppo(settings) if settings.stage == "ppo" else run_train(settings)

@@ -84,9 +84,9 @@ def test_flash_model_forward_and_kv_cache_generation_match_xla():
     """The whole tiny LLaVA with flash attention: logits at every valid position equal the XLA
     path's, and the KV-cache sampler (which stays on the XLA path) gives the same greedy tokens
     on the flash-configured model."""
-    from llava_jax import lora
+    from llava_jax.models import lora
     from llava_jax.models.llava import init_params, tiny_config
-    from llava_jax.sampling import SamplingConfig, generate
+    from llava_jax.generate.sampling import SamplingConfig, generate
 
     xla_cfg, flash_cfg = tiny_config(), tiny_config(attention="flash")
     base = init_params(xla_cfg, jax.random.PRNGKey(0))
@@ -113,9 +113,10 @@ def test_accelerator_shapes_compute_what_the_cpu_shapes_compute():
     """`cpu_shapes` (the model config's runtime field; settings `model.cpu_shapes`) only changes
     the forms XLA:CPU is given: the plain forms TPUs and GPUs run give the same logits, losses
     and greedy tokens, here on this CPU. Off is the config's default."""
-    from llava_jax import lora, losses
+    from llava_jax.models import lora
+    from llava_jax.train import losses
     from llava_jax.models.llava import init_params, tiny_config
-    from llava_jax.sampling import SamplingConfig, _use_unstacked, generate
+    from llava_jax.generate.sampling import SamplingConfig, _use_unstacked, generate
 
     assert not tiny_config().text.cpu_shapes and not tiny_config().vision.cpu_shapes
     base = init_params(tiny_config(), jax.random.PRNGKey(0))

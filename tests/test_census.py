@@ -31,8 +31,8 @@ def _budgets(base_bytes: int) -> dict[str, int]:
     """Bytes one device may hold at most, per path."""
     import jax
 
-    from llava_jax import lora as lora_lib
-    from llava_jax.model_ckpt import abstract_params
+    from llava_jax.models import lora as lora_lib
+    from llava_jax.models.weights import abstract_params
 
     base = abstract_params(census_config())
     share = base_bytes // DEVICES

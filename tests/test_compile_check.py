@@ -11,9 +11,10 @@ import pytest
 from configs.common import base_config
 from configs.tiny_rm import get_config as tiny_rm
 from configs.tiny_sft import get_config as tiny_sft
-from llava_jax import compile_check as cc, compile_report, sharding
+from llava_jax import sharding
+from llava_jax.aot import compile_check as cc, report as compile_report
 from llava_jax.settings import RunSettings
-from llava_jax.model_ckpt import FORMAT
+from llava_jax.models.weights import FORMAT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,7 @@ from llava_jax.data import (EvalDataset, Loader, PreferenceDataset, RLPromptData
                             load_tokenizer, vision_kwargs)
 from llava_jax.data.toy import (DETAILED, EMBELLISH_RATE, NUM_EVAL_IMAGES, NUM_EXTRA_SFT, NUM_PAIR_IMAGES,
                                 NUM_TRAIN_IMAGES, TOY_DIR, build_world, corpus, write_toy_world)
-from llava_jax.data.toy_judge import hallucinates, named_objects, scene_objects
+from llava_jax.eval.toy_judge import hallucinates, named_objects, scene_objects
 from llava_jax.models.llava import Llava, init_params, tiny_config
 
 IMAGES = os.path.join(TOY_DIR, "images")

@@ -178,8 +178,8 @@ def _random_ppo_world(root) -> tuple[str, str]:
     """A random tiny base and a random reward adapter (LoRA + head) over it."""
     import jax
 
-    from llava_jax import heads, lora as lora_lib
-    from llava_jax.model_ckpt import save_checkpoint, write_adapter_dir
+    from llava_jax.models import heads, lora as lora_lib
+    from llava_jax.models.weights import save_checkpoint, write_adapter_dir
     from llava_jax.models.llava import init_params, tiny_config
 
     config = tiny_config()
@@ -229,9 +229,9 @@ def _bucket_child(out: str) -> None:
 
     from llava_jax import sharding
     from llava_jax.models.llava import tiny_config
-    from llava_jax.run_setup import agree_length, to_device
+    from llava_jax.train.setup import agree_length, to_device
     from llava_jax.settings import RunSettings
-    from llava_jax.train_loop import build_data
+    from llava_jax.train.loop import build_data
 
     loader, _, _ = build_data(RunSettings.from_config(_bucket_config()), tiny_config())
     mesh = sharding.make_mesh((1, -1, 1))
@@ -250,7 +250,7 @@ def _bucket_child(out: str) -> None:
 def test_processes_agree_on_the_bucket_of_the_global_batch(tmp_path):
     from llava_jax.models.llava import tiny_config
     from llava_jax.settings import RunSettings
-    from llava_jax.train_loop import build_data
+    from llava_jax.train.loop import build_data
 
     out = tmp_path / "steps.json"
     _run_all(_distributed([sys.executable, os.path.abspath(__file__), f"--out={out}"]), tmp_path / "logs")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from llava_jax import fact_reward, ppo, rollout
+from llava_jax.rl import fact_reward, ppo, rollout
 from llava_jax.data.templates import USER, Turn, encode_prompt, normalize_turns, render
 
 B, N = 4, 7
@@ -190,7 +190,7 @@ def test_question_mark_ids_are_found_as_the_original_finds_them():
 
     from llava_jax.data import load_tokenizer
     from llava_jax.data.tokenizer import HFTokenizer
-    from llava_jax.ppo_setup import question_mark_ids
+    from llava_jax.rl.setup import question_mark_ids
 
     toy = load_tokenizer("data/toy/tokenizer")
     assert question_mark_ids(toy) == (toy.encode("?")[-1],) and toy.decode(question_mark_ids(toy)) == "?"
@@ -213,7 +213,7 @@ def test_schedule_equals_hf_stepped_as_the_original(unit):
     from transformers import get_cosine_schedule_with_warmup
 
     from configs.ppo_13b import get_config
-    from llava_jax.ppo_setup import ppo_optimizer
+    from llava_jax.rl.setup import ppo_optimizer
     from llava_jax.settings import RunSettings
 
     cfg = get_config()
@@ -269,7 +269,7 @@ def test_reward_input_of_an_original_shaped_prompt_file(tmp_path):
     """Stopped and unstopped responses: the original's sequence is query + the response's ids
     as sampled (its </s> only when it stopped) + the tokenised rating text."""
     from llava_jax.data import load_tokenizer
-    from llava_jax.reward_prompt import RewardPrompt
+    from llava_jax.data.reward_prompt import RewardPrompt
     from test_ppo_math import _sampled
 
     tokenizer = load_tokenizer("data/toy/tokenizer")
@@ -295,7 +295,7 @@ def test_reward_input_of_an_original_shaped_prompt_file(tmp_path):
 
 def test_turn_layout_closes_every_response_with_eos():
     from llava_jax.data import load_tokenizer
-    from llava_jax.reward_prompt import RewardPrompt
+    from llava_jax.data.reward_prompt import RewardPrompt
     from test_ppo_math import _sampled
 
     tokenizer = load_tokenizer("data/toy/tokenizer")
@@ -307,7 +307,7 @@ def test_turn_layout_closes_every_response_with_eos():
 
 
 def test_prompt_file_errors_name_the_file_and_the_section(tmp_path):
-    from llava_jax.reward_prompt import RewardPrompt
+    from llava_jax.data.reward_prompt import RewardPrompt
 
     path = tmp_path / "bad.txt"
     path.write_text("[append]\n USER: rate it. {facts} ASSISTANT: score\n")

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llava_jax import roles
-from llava_jax.losses import token_logprobs
-from llava_jax.lora import Adapter, forward
+from llava_jax.rl import roles
+from llava_jax.train.losses import token_logprobs
+from llava_jax.models.lora import Adapter, forward
 
 B, N, D, V = 3, 13, 16, 40
 TEMPERATURE = 0.7

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from llava_jax.model_ckpt import save_checkpoint
+from llava_jax.models.weights import save_checkpoint
 from llava_jax.data.toy import TOY_DIR
 from llava_jax.models.llava import init_params, tiny_config
 from scripts.generate import main as generate_main
@@ -76,8 +76,8 @@ def test_mmhal_answers_and_judge_file(tiny_ckpt, tmp_path):
 def test_eval_toy_script_writes_answers_and_table(tiny_ckpt, tmp_path, capsys):
     """scripts/eval_toy.py on two models (the same random checkpoint, without and with a
     zero-initialised LoRA adapter directory: identical answers), its files and its table."""
-    from llava_jax import lora as lora_lib
-    from llava_jax.model_ckpt import load_checkpoint, write_adapter_dir
+    from llava_jax.models import lora as lora_lib
+    from llava_jax.models.weights import load_checkpoint, write_adapter_dir
     from scripts.eval_toy import main as eval_toy
 
     _, base = load_checkpoint(tiny_ckpt)

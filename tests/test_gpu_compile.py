@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from llava_jax import targets
+from llava_jax.aot import targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_plugin = pytest.mark.skipif(not targets.cuda_plugin_installed(), reason="JAX's CUDA plugin: pip install -e '.[gpu]'")

@@ -13,7 +13,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import tiny_hf
-from llava_jax import heads, lora, trainable
+from llava_jax.models import heads, lora
+from llava_jax.models import trainable
 from llava_jax.convert import ConversionError, load_hf
 from llava_jax.convert.peft import read_peft_adapter
 from tools.convert_hf import main as convert_main

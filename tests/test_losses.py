@@ -1,14 +1,15 @@
-"""The fused head cross-entropy (llava_jax/losses.py) against the loss on full logits."""
+"""The fused head cross-entropy (llava_jax/train/losses.py) against the loss on full logits."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llava_jax import lora, trainable
-from llava_jax.losses import IGNORE_INDEX, head_cross_entropy, token_cross_entropy
+from llava_jax.models import lora
+from llava_jax.models import trainable
+from llava_jax.train.losses import IGNORE_INDEX, head_cross_entropy, token_cross_entropy
 from llava_jax.models import llava
-from llava_jax.sft import sft_loss_sums
-from llava_jax.train_state import ModelSpec
+from llava_jax.train.sft import sft_loss_sums
+from llava_jax.train.state import ModelSpec
 
 B, T, D, V = 4, 24, 16, 50
 

@@ -1,4 +1,4 @@
-"""llava_jax.metrics: JSONL log + resume truncation, TensorBoard event files, FLOPs/MFU, plot script.
+"""llava_jax.train.metrics: JSONL log + resume truncation, TensorBoard event files, FLOPs/MFU, plot script.
 
 The event files are read back with TensorBoard's own loaders (the `tensorboard` package,
 which checks every record's CRCs), independent of the tensorboardX writer.
@@ -13,7 +13,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
-from llava_jax.metrics import MetricsWriter, ProgressBar, mfu, peak_flops, read_metrics, transformer_train_flops
+from llava_jax.train.metrics import MetricsWriter, ProgressBar, mfu, peak_flops, read_metrics, transformer_train_flops
 from scripts.plot_metrics import main as plot_main
 
 

@@ -1,7 +1,7 @@
 """POPE scoring against hand-counted confusion matrices."""
 import pytest
 
-from llava_jax.pope import pope_answer, pope_by_category, pope_scores
+from llava_jax.eval.pope import pope_answer, pope_by_category, pope_scores
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -32,7 +32,7 @@ def test_pope_scores_hand_counted():
 
 
 def test_toy_hallucination_judge():
-    from llava_jax.data.toy_judge import hallucinates, scene_objects
+    from llava_jax.eval.toy_judge import hallucinates, scene_objects
 
     objects = scene_objects(["There is a blue triangle in the top right and a red square in the bottom right."])
     assert objects == {("blue", "triangle"), ("red", "square")}
@@ -44,7 +44,7 @@ def test_toy_hallucination_judge():
 
 def test_toy_describe_scores():
     """The held-out table's description columns, counted by hand on three answers."""
-    from llava_jax.data.toy_judge import describe_scores
+    from llava_jax.eval.toy_judge import describe_scores
 
     captions = [["There is a red circle in the top left and a blue square in the bottom right."]] * 3
     answers = ["There is a red circle in the top left and a blue square in the bottom right. "

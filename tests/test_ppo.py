@@ -111,8 +111,8 @@ def test_value_and_reward_on_a_second_base_with_its_own_tower(world, tmp_path):
 
     import jax
 
-    from llava_jax import heads, lora as lora_lib
-    from llava_jax.model_ckpt import save_checkpoint, write_adapter_dir
+    from llava_jax.models import heads, lora as lora_lib
+    from llava_jax.models.weights import save_checkpoint, write_adapter_dir
     from llava_jax.models.llava import init_params, tiny_config
 
     small = tiny_config()

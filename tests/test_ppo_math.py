@@ -5,7 +5,7 @@ import pytest
 
 import jax.numpy as jnp
 
-from llava_jax import fact_reward, ppo
+from llava_jax.rl import fact_reward, ppo
 from llava_jax.data.templates import USER, Turn
 
 RNG = np.random.default_rng(0)
@@ -163,7 +163,7 @@ def test_reward_model_input_of_a_known_item():
     """The bug that broke users of the original: the RM must see the conversation, the rating
     turn with the item's captions, and be read at the last token of the score phrase."""
     from llava_jax.data import load_tokenizer
-    from llava_jax.reward_prompt import RewardPrompt
+    from llava_jax.data.reward_prompt import RewardPrompt
 
     tokenizer = load_tokenizer("data/toy/tokenizer")
     prompt = RewardPrompt.from_file()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llava_jax import ppo
+from llava_jax.rl import ppo
 
 
 @pytest.fixture(scope="module")

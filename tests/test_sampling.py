@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import tiny_hf
-from llava_jax import lora
+from llava_jax.models import lora
 from llava_jax.convert import load_hf
 from llava_jax.models.llama import init_cache, positions_from_mask
-from llava_jax.sampling import SamplingConfig, filter_logits, generate, generate_fn
+from llava_jax.generate.sampling import SamplingConfig, filter_logits, generate, generate_fn
 
 NEW = 32
 

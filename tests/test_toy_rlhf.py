@@ -24,7 +24,7 @@ def test_tiny_rm_reaches_90_percent_held_out_accuracy(toy_world):
     whose rejected answer names a shape the image lacks, or leaves one out, or evades) ranked
     right >= 90% (0.93 / 0.93 / 0.94 at seeds 0 / 1 / 2; over the full tiny_sft 0.95-0.98,
     README); the adapter + reward head exported. tiny_sft lowered its loss on the way."""
-    from llava_jax.model_ckpt import ADAPTER_FORMAT
+    from llava_jax.models.weights import ADAPTER_FORMAT
 
     sft_model, rm_adapter = toy_world
     sft_losses = [r["loss"] for r in _metrics(os.path.dirname(sft_model))]

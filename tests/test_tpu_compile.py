@@ -7,7 +7,8 @@ import os
 import pytest
 
 from configs.tiny_rm import get_config as tiny_rm
-from llava_jax import compile_check as cc, sharding, targets
+from llava_jax import sharding
+from llava_jax.aot import compile_check as cc, targets
 from llava_jax.settings import RunSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

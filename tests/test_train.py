@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs.tiny_sft import get_config as tiny_sft
-from llava_jax.model_ckpt import load_checkpoint
+from llava_jax.models.weights import load_checkpoint
 from llava_jax.settings import RunSettings
 from llava_jax.stages import run_requirements
 from ppo_helpers import run_config

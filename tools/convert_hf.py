@@ -36,7 +36,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
 
     from llava_jax.convert import load_hf
-    from llava_jax.model_ckpt import save_checkpoint
+    from llava_jax.models.weights import save_checkpoint
 
     config, params = load_hf(args.hf, dtype=jnp.dtype(args.dtype), vision_tower=args.vision_tower, seed=args.seed)
     save_checkpoint(args.out, config, params, overwrite=args.overwrite,
@@ -48,9 +48,9 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 def cmd_import_adapter(args: argparse.Namespace) -> None:
     from llava_jax.convert import ConversionError
-    from llava_jax.model_ckpt import load_config, save_adapter, abstract_params
+    from llava_jax.models.weights import load_config, save_adapter, abstract_params
     from llava_jax.convert.peft import read_head, read_peft_adapter
-    from llava_jax.heads import init_head
+    from llava_jax.models.heads import init_head
 
     config = load_config(args.ckpt)
     adapter = read_peft_adapter(args.peft, abstract_params(config))
@@ -72,7 +72,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
 
     from llava_jax.convert import ConversionError, export_hf
-    from llava_jax.model_ckpt import load_adapter, load_checkpoint
+    from llava_jax.models.weights import load_adapter, load_checkpoint
 
     if args.format != "hf" and not args.adapter:
         raise ConversionError(f"--format {args.format} needs --adapter NAME")
@@ -84,7 +84,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}: PEFT LoRA adapter {args.adapter!r} (r={adapter.config.rank})")
         return
     if args.format == "merged":  # merged in the shards of this host's devices, then brought home leaf by leaf
-        from llava_jax.lora import merge_in_shards
+        from llava_jax.models.lora import merge_in_shards
         from llava_jax.sharding import host_mesh
 
         mesh = host_mesh()
@@ -101,7 +101,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from llava_jax.model_ckpt import load_checkpoint
+    from llava_jax.models.weights import load_checkpoint
     from llava_jax.convert.verify import verify
     from llava_jax.sharding import host_mesh
 

@@ -22,8 +22,8 @@ import transformers
 from llava_jax.convert import hf_keys
 from llava_jax.convert.hf_files import ConversionError, TensorSource, read_safetensors, write_safetensors
 from llava_jax.files import atomic_output_dir
-from llava_jax.heads import HEAD_KINDS
-from llava_jax.lora import LLM_TARGETS, PROJECTOR_TARGETS, Adapter, LoraConfig, check_adapter
+from llava_jax.models.heads import HEAD_KINDS
+from llava_jax.models.lora import LLM_TARGETS, PROJECTOR_TARGETS, Adapter, LoraConfig, check_adapter
 
 _LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 _UNSUPPORTED = {"use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False}

@@ -23,6 +23,17 @@ CAPTION_TYPE_ANSWERS = {1: None, 2: "A", 3: "B", 4: "C", 5: "D", 6: "No", 7: "Ye
 MULTIPLE_CHOICE_TYPES = (2, 3, 4, 5)
 
 
+def correctness(response: str, caption_type: int) -> float:
+    """LLaVA-RLHF's symbolic correctness of a response for the item's caption type."""
+    answer = CAPTION_TYPE_ANSWERS[int(caption_type)]
+    text = response.strip()
+    if answer in ("A", "B", "C", "D"):
+        return 1.0 if text.startswith(f"{answer}.") or f"correct option is {answer}." in text else 0.0
+    if answer == "No":
+        return 0.5 if text.startswith("No") else -0.5 if text.startswith("Yes") else 0.0
+    return 0.0  # general items and "Yes" answers earn nothing (as the original)
+
+
 class BadRecord(ValueError):
     """Raised in strict mode: names the file, the record index and the reason."""
 

@@ -315,7 +315,7 @@ def build_world(seed: int = 0) -> dict:
 def corpus(world: dict) -> list[str]:
     """Every text of the world (plus template and reward-prompt words): the tokenizer corpus."""
     from llava_jax.data.templates import VICUNA_SYSTEM
-    from llava_jax.reward_prompt import RewardPrompt
+    from llava_jax.data.reward_prompt import RewardPrompt
 
     # The template and the default reward-model wording occur in every sequence of their
     # stages: weight them so they become (mostly) whole-word tokens and sequences stay short.

@@ -45,7 +45,7 @@ class Dense(nn.Module):
     """Linear layer, kernel [in, out] named by `axes`, with an optional LoRA path.
 
     LoRA weights are not params: they come in the separate `lora` collection
-    (`a` [in, r], `b` [r, out]; see llava_jax/lora.py). Without that collection the layer
+    (`a` [in, r], `b` [r, out]; see llava_jax/models/lora.py). Without that collection the layer
     is the plain base layer, so one base serves every adapter and none.
     """
 

@@ -49,7 +49,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"  # see layers.REMAT_POLICIES
     attention: str = "xla"  # whole-sequence attention: xla (causal_attention.py) | flash (flash_attention.py)
-    lora_scale: float = 1.0  # set per adapter by llava_jax.lora (alpha / rank)
+    lora_scale: float = 1.0  # set per adapter by llava_jax.models.lora (alpha / rank)
     lora_dropout: float = 0.0
     # The forms XLA:CPU runs faster (folded query groups in layers.attention, unstacked decode
     # layers in sampling.generate); set from settings' model.cpu_shapes at the run's entry.

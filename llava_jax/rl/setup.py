@@ -18,10 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from llava_jax import heads, lora as lora_lib, ppo, roles, run_setup, sharding, trainable
+from llava_jax import sharding
+from llava_jax.models import heads, lora as lora_lib
+from llava_jax.rl import ppo, roles
+from llava_jax.train import setup as run_setup
+from llava_jax.models import trainable
 from llava_jax.models.llava import logical_axes
-from llava_jax.optim import make_optimizer
-from llava_jax.sampling import SamplingConfig
+from llava_jax.train.optim import make_optimizer
+from llava_jax.generate.sampling import SamplingConfig
 from llava_jax.settings import PPOSettings, RunSettings
 
 
@@ -73,7 +77,7 @@ def roles_trees(policy_base: dict, policy: lora_lib.Adapter, reward: lora_lib.Ad
 def load_roles(s: RunSettings, mesh: Any) -> tuple[roles.PPOSpec, dict, dict]:
     """(spec, trainable params, frozen trees) from the run's checkpoints and adapters, each
     restored (or, for a fresh policy adapter and the value head, made) in its shards over `mesh`."""
-    from llava_jax.model_ckpt import load_adapter_dir, load_checkpoint
+    from llava_jax.models.weights import load_adapter_dir, load_checkpoint
 
     policy_config, policy_base, _ = run_setup.load_model(s, mesh)
     p = s.ppo

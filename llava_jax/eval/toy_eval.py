@@ -2,7 +2,7 @@
 
 Greedy answers of each model to the world's held-out questions (images in no training
 file): the describe questions, judged against the images' captions by the toy judge
-(`llava_jax/data/toy_judge.py`), the POPE-style yes/no questions and the multiple-choice
+(`llava_jax/eval/toy_judge.py`), the POPE-style yes/no questions and the multiple-choice
 questions. `compare` writes OUT/NAME.answers.jsonl (describe answers: question_id, image,
 text, ...), OUT/NAME.pope.jsonl, OUT/NAME.mc.jsonl and OUT/summary.json, and returns the
 summary; `format_table` renders it. The PPO driver runs it at the end of a toy run
@@ -16,13 +16,13 @@ from typing import Any, Sequence
 
 from jax.sharding import Mesh
 
-from llava_jax.answer import answer_batches
+from llava_jax.generate.answer import answer_batches
 from llava_jax.data import EvalDataset, load_captions, vision_kwargs, write_answers
 from llava_jax.data.eval_data import make_answer
-from llava_jax.data.toy_judge import describe_scores
-from llava_jax.fact_reward import correctness
-from llava_jax.pope import pope_scores
-from llava_jax.sampling import SamplingConfig
+from llava_jax.eval.toy_judge import describe_scores
+from llava_jax.data.records import correctness
+from llava_jax.eval.pope import pope_scores
+from llava_jax.generate.sampling import SamplingConfig
 
 # (summary key, column title, format) of the before/after table, in order.
 COLUMNS = (("hallucinating_answers", "answers naming an absent object", "{:.3f}"),

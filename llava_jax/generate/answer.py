@@ -1,6 +1,6 @@
 """Batched answers to an eval question file: the one generation loop (and model loading)
 behind `scripts/generate.py`, `scripts/eval_toy.py` and the toy-world evaluation
-(`llava_jax/toy_eval.py`)."""
+(`llava_jax/eval/toy_eval.py`)."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,7 @@ from llava_jax import sharding
 
 from llava_jax.data import EvalDataset, Loader
 from llava_jax.data.eval_data import EvalQuestion
-from llava_jax.sampling import SamplingConfig, generate_fn
+from llava_jax.generate.sampling import SamplingConfig, generate_fn
 from llava_jax.settings import cpu_shapes_on
 
 
@@ -59,7 +59,7 @@ def load_answering_model(ckpt: str, adapter: str | None = None, dtype: str = "fl
     """(config, base, adapter or None) of a checkpoint, restored into their shards over `mesh`;
     `adapter` names one inside it (CKPT/adapters/NAME) or is an adapter directory (a LoRA or
     PPO run's workdir/adapter). `cpu_shapes` is `model.cpu_shapes`, decided for the mesh's devices."""
-    from llava_jax.model_ckpt import load_adapter, load_adapter_dir, load_checkpoint
+    from llava_jax.models.weights import load_adapter, load_adapter_dir, load_checkpoint
 
     config, base = load_checkpoint(ckpt, dtype=dtype, mesh=mesh)
     config = config.with_runtime(dtype=dtype, cpu_shapes=cpu_shapes_on(cpu_shapes, mesh.devices.flat[0].platform))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from llava_jax import sharding
-from llava_jax.targets import GiB
+from llava_jax.aot.targets import GiB
 
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Ran out of memory")
 

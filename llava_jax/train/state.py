@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llava_jax import lora as lora_lib
+from llava_jax.models import lora as lora_lib
 from llava_jax.models.llava import LlavaConfig
-from llava_jax.trainable import join_base
+from llava_jax.models.trainable import join_base
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from llava_jax.data.records import CAPTION_TYPE_ANSWERS
-from llava_jax.reward_prompt import RewardPrompt, reward_ids
+from llava_jax.data.records import correctness
+from llava_jax.data.reward_prompt import RewardPrompt, reward_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,17 +25,6 @@ class RewardWeights:
     correct_bonus: float = 2.0
     length_bonus: float = -10.0
     no_stop_penalty: float = -8.0
-
-
-def correctness(response: str, caption_type: int) -> float:
-    """LLaVA-RLHF's symbolic correctness of a response for the item's caption type."""
-    answer = CAPTION_TYPE_ANSWERS[int(caption_type)]
-    text = response.strip()
-    if answer in ("A", "B", "C", "D"):
-        return 1.0 if text.startswith(f"{answer}.") or f"correct option is {answer}." in text else 0.0
-    if answer == "No":
-        return 0.5 if text.startswith("No") else -0.5 if text.startswith("Yes") else 0.0
-    return 0.0  # general items and "Yes" answers earn nothing (as the original)
 
 
 def score_terms(rm_score: np.ndarray, correct: np.ndarray, length_fraction: np.ndarray, length_bonus: np.ndarray,

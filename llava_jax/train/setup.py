@@ -16,10 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llava_jax import heads, lora as lora_lib, sharding, trainable
-from llava_jax.checkpoint import Checkpointer
+from llava_jax import sharding
+from llava_jax.models import heads, lora as lora_lib
+from llava_jax.models import trainable
+from llava_jax.train.checkpoint import Checkpointer
 from llava_jax.settings import RunSettings
-from llava_jax.train_state import ModelSpec, TrainState, create_state
+from llava_jax.train.state import ModelSpec, TrainState, create_state
 
 
 def make_mesh(s: RunSettings) -> Any:
@@ -29,7 +31,7 @@ def make_mesh(s: RunSettings) -> Any:
 def load_model(s: RunSettings, mesh: Any) -> tuple[Any, dict, lora_lib.Adapter | None]:
     """(config with the run's runtime knobs, base params, starting adapter or None), each leaf
     made or restored straight into its shards over `mesh`."""
-    from llava_jax.model_ckpt import load_adapter, load_checkpoint
+    from llava_jax.models.weights import load_adapter, load_checkpoint
     from llava_jax.models.llava import init_params, tiny_config
 
     runtime = s.model.runtime_knobs()
@@ -187,8 +189,8 @@ def total_steps(s: RunSettings, loader: Any) -> int:
 def jit_train_step(s: RunSettings, spec: ModelSpec, optimizer: Any, schedule: Any, state_sh: Any,
                    frozen_sh: Any) -> Callable:
     """The SFT or RM step, jitted with explicit in/out shardings; the state is donated."""
-    from llava_jax.rm import rm_step
-    from llava_jax.sft import sft_step
+    from llava_jax.train.rm import rm_step
+    from llava_jax.train.sft import sft_step
 
     if s.stage == "sft":
         fn = functools.partial(sft_step, spec, optimizer, schedule, grad_accum=s.train.grad_accum)
@@ -238,7 +240,7 @@ class StepTail:
     and the preemption stop that every process agrees on (Checkpointer.should_stop)."""
 
     def __init__(self, s: RunSettings, ckpt: Checkpointer, *, steps: int, start: int, desc: str, bar_loss: str, derive: Callable[[dict], dict] | None = None):
-        from llava_jax.metrics import MetricsWriter, ProgressBar
+        from llava_jax.train.metrics import MetricsWriter, ProgressBar
 
         self.s, self.ckpt, self.steps, self.bar_loss, self.derive = s, ckpt, steps, bar_loss, derive
         self.writer = MetricsWriter(s.workdir, process_index=jax.process_index(), tensorboard=s.log.tensorboard,

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llava_jax import lora as lora_lib
-from llava_jax.losses import head_cross_entropy
+from llava_jax.models import lora as lora_lib
+from llava_jax.train.losses import head_cross_entropy
 from llava_jax.models.layers import as_dtype
 from llava_jax.models.llama import lm_head_kernel
-from llava_jax.train_state import ModelSpec, TrainState, accumulate, apply_gradients, assemble
+from llava_jax.train.state import ModelSpec, TrainState, accumulate, apply_gradients, assemble
 
 
 def sft_loss_sums(spec: ModelSpec, params: dict, frozen: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:

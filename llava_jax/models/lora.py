@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llava_jax.models.llava import Llava, LlavaConfig
-from llava_jax.trainable import flat_leaves
+from llava_jax.models.trainable import flat_leaves
 
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROJECTOR_TARGETS = ("linear_1", "linear_2")

@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llava_jax import fact_reward, ppo, roles, sharding
-from llava_jax.lora import Adapter
-from llava_jax.sampling import SamplingConfig, generate
+from llava_jax import sharding
+from llava_jax.rl import fact_reward, ppo, roles
+from llava_jax.models.lora import Adapter
+from llava_jax.generate.sampling import SamplingConfig, generate
 
 # What the update needs of a rollout (the rest is dropped after scoring).
 UPDATE_KEYS = ("query_ids", "query_mask", "response", "response_mask", "logprobs", "values", "advantages",

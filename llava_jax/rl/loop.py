@@ -19,15 +19,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llava_jax import fact_reward, lora as lora_lib, ppo, ppo_setup, roles, run_setup, sharding
-from llava_jax.rollout import Rollouts, RolloutConfig, write_samples
+from llava_jax import sharding
+from llava_jax.rl import fact_reward, ppo, setup as ppo_setup, roles
+from llava_jax.models import lora as lora_lib
+from llava_jax.train import setup as run_setup
+from llava_jax.rl.rollout import Rollouts, RolloutConfig, write_samples
 from llava_jax.settings import RunSettings, validate
 
 
 def build_prompts(s: RunSettings, spec: roles.PPOSpec) -> tuple[Any, Any, Any]:
     """(prompt loader, tokenizer, reward prompt); each process reads its shard."""
     from llava_jax.data import ImageProcessor, Loader, RLPromptDataset, load_captions, load_tokenizer, vision_kwargs
-    from llava_jax.reward_prompt import DEFAULT_PROMPT_FILE, RewardPrompt
+    from llava_jax.data.reward_prompt import DEFAULT_PROMPT_FILE, RewardPrompt
 
     tokenizer = load_tokenizer(s.data.tokenizer)
     reward_images = None
@@ -129,7 +132,7 @@ def run_ppo(s: RunSettings) -> dict:
 def rollout_hallucination(samples: list[dict], captions: dict) -> float:
     """Share of the rollout's description answers (caption_type 1) that name a shape the
     image lacks, by the toy judge, over every process's rows."""
-    from llava_jax.data.toy_judge import hallucinates, scene_objects
+    from llava_jax.eval.toy_judge import hallucinates, scene_objects
 
     rows = [s for s in samples if s["caption_type"] == 1 and s["image"] in captions]
     counts = np.asarray([sum(hallucinates(s["response"], scene_objects(captions[s["image"]])) for s in rows),
@@ -144,7 +147,7 @@ def rollout_hallucination(samples: list[dict], captions: dict) -> float:
 def evaluate_toy(s: RunSettings, spec: roles.PPOSpec, state: Any, frozen: dict, tokenizer: Any) -> dict:
     """Greedy held-out evaluation of the starting (SFT) policy and the PPO policy on the toy
     world: prints the before/after table, writes workdir/eval/."""
-    from llava_jax.toy_eval import compare, format_table
+    from llava_jax.eval.toy_eval import compare, format_table
 
     mesh = jax.tree_util.tree_leaves(frozen["policy_base"])[0].sharding.mesh
     policies = [("sft", lora_lib.Adapter(frozen["ref"], spec.policy_lora)),
@@ -160,9 +163,9 @@ def evaluate_toy(s: RunSettings, spec: roles.PPOSpec, state: Any, frozen: dict, 
 def export_policy(s: RunSettings, spec: roles.PPOSpec, state: Any, frozen: dict) -> None:
     """workdir/adapter (ours), workdir/peft_adapter (PEFT), workdir/value_adapter (value
     LoRA + head), optionally workdir/hf_merged, and workdir/metrics.png with the reward curve."""
-    from llava_jax.model_ckpt import write_adapter_dir
+    from llava_jax.models.weights import write_adapter_dir
     from llava_jax.convert.peft import write_peft_adapter
-    from llava_jax.metrics import plot_run
+    from llava_jax.train.metrics import plot_run
 
     if jax.process_count() > 1:
         print("export of the trained policy is single-process only: rerun this command as one process (one "

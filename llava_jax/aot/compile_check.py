@@ -28,14 +28,17 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from llava_jax import ppo_setup, run_setup, sharding, trainable
-from llava_jax.compile_report import Step, StepReport, compile_step, device_bytes
-from llava_jax.targets import GiB
+from llava_jax import sharding
+from llava_jax.rl import setup as ppo_setup
+from llava_jax.train import setup as run_setup
+from llava_jax.models import trainable
+from llava_jax.aot.report import Step, StepReport, compile_step, device_bytes
+from llava_jax.aot.targets import GiB
 from llava_jax.models.clip import ClipVisionConfig
 from llava_jax.models.llama import LlamaConfig
 from llava_jax.models.llava import LlavaConfig, init_params, tiny_config
 from llava_jax.settings import RunSettings, describe_cpu_shapes, resolve_cpu_shapes, unknown_field
-from llava_jax.train_state import create_state
+from llava_jax.train.state import create_state
 
 # Per-device memory of named accelerators (HBM per chip; H100 SXM).
 DEVICE_MEMORY = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB, "h100": 80 * GiB}
@@ -119,7 +122,7 @@ def resolve_model(init: str, preset: str | None) -> tuple[LlavaConfig, str]:
     if init == "tiny":
         return tiny_config(), "tiny"
     if os.path.isfile(os.path.join(init, "config.json")):
-        from llava_jax.model_ckpt import load_config
+        from llava_jax.models.weights import load_config
 
         return load_config(init), f"{init}/config.json"
     guess = re.search(r"(?<![0-9])(7|13)b|tiny", init.lower())  # runs/tiny_sft/model: the tiny model
@@ -174,7 +177,7 @@ class Context:
 
 
 def _optimizer(s: RunSettings) -> tuple[Any, Any]:
-    from llava_jax.optim import make_optimizer
+    from llava_jax.train.optim import make_optimizer
 
     return make_optimizer(s.optim, s.train.max_steps if s.train.max_steps > 0 else 1000)  # shapes only
 
@@ -243,7 +246,8 @@ class PPOTrees:
 def ppo_trees(ctx: Context) -> PPOTrees:
     """One policy base and, with ppo.reward_base, one reward base (param_dtype); LoRA
     adapters of train.lora_* for the four roles; value and reward heads; AdamW."""
-    from llava_jax import heads, lora as lora_lib, roles
+    from llava_jax.models import heads, lora as lora_lib
+    from llava_jax.rl import roles
 
     s, mesh, lcfg = ctx.s, ctx.mesh, ctx.s.train.lora_config()
     policy_cfg, reward_cfg = ctx.config, ctx.reward_config or ctx.config
@@ -271,8 +275,8 @@ def build_rollout(ctx: Context) -> Step:
     """The policy's rollout: `sampling.generate` (prefill + the lax.while_loop decode over the
     KV cache) compiled as ONE executable, as it runs; ppo.rollout_chunk prompts of
     max_query_tokens - 1 + image tokens, response_len new tokens."""
-    from llava_jax import lora as lora_lib
-    from llava_jax.sampling import generate
+    from llava_jax.models import lora as lora_lib
+    from llava_jax.generate.sampling import generate
 
     s, config, mesh = ctx.s, ctx.config, ctx.mesh
     trees = ppo_trees(ctx)
@@ -325,7 +329,7 @@ def build_rollout_score(ctx: Context) -> Step:
     """The rollout's scoring pass as rollout.Rollouts jits it: reference log-probs, values and
     the reward model over `ppo.rollout_chunk` rollouts (the RM reads query + response + the
     rating text, RATING_TOKENS long, padded as the PPO loop pads it)."""
-    from llava_jax.rollout import score_responses
+    from llava_jax.rl.rollout import score_responses
 
     s, mesh = ctx.s, ctx.mesh
     trees = ppo_trees(ctx)

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llava_jax import roles
-from llava_jax.train_state import TrainState, accumulate, apply_gradients
+from llava_jax.rl import roles
+from llava_jax.train.state import TrainState, accumulate, apply_gradients
 
 KL_ESTIMATORS = ("k1", "k1_unclamped", "k3")
 

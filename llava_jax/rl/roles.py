@@ -17,9 +17,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from llava_jax import heads
-from llava_jax.lora import Adapter, LoraConfig, forward
-from llava_jax.losses import token_logprobs
+from llava_jax.models import heads
+from llava_jax.models.lora import Adapter, LoraConfig, forward
+from llava_jax.train.losses import token_logprobs
 from llava_jax.models.llava import LlavaConfig
 
 # Response positions per LM-head call in `response_logprobs`: at the 13B recipe's 896 positions

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llava_jax import heads, lora as lora_lib
-from llava_jax.train_state import ModelSpec, TrainState, apply_gradients, assemble
+from llava_jax.models import heads, lora as lora_lib
+from llava_jax.train.state import ModelSpec, TrainState, apply_gradients, assemble
 
 
 def pair_scores(spec: ModelSpec, params: dict, frozen: dict, batch: dict, rng: jax.Array | None = None) -> jax.Array:

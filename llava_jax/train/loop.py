@@ -13,17 +13,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llava_jax import lora as lora_lib, run_setup, trainable
-from llava_jax.optim import make_optimizer
+from llava_jax.models import lora as lora_lib
+from llava_jax.train import setup as run_setup
+from llava_jax.models import trainable
+from llava_jax.train.optim import make_optimizer
 from llava_jax.settings import RunSettings, validate
-from llava_jax.train_state import ModelSpec, TrainState
+from llava_jax.train.state import ModelSpec, TrainState
 
 
 def build_data(s: RunSettings, config: Any) -> tuple[Any, Any | None, Any]:
     """(train loader, eval loader or None, tokenizer); each process reads its own shard."""
     from llava_jax.data import (Loader, PreferenceDataset, SFTDataset, default_buckets, load_captions,
                                 load_tokenizer, vision_kwargs)
-    from llava_jax.reward_prompt import DEFAULT_PROMPT_FILE, RewardPrompt, encode_reward_input
+    from llava_jax.data.reward_prompt import DEFAULT_PROMPT_FILE, RewardPrompt, encode_reward_input
 
     d = s.data
     tokenizer = load_tokenizer(d.tokenizer)
@@ -75,7 +77,7 @@ def evaluate(state: TrainState, frozen: dict, loader: Any, mesh: Any, eval_fn: A
 
 
 def _rm_eval_with_pairs(spec: ModelSpec, centering: float, params: dict, frozen: dict, batch: dict):
-    from llava_jax.rm import rm_eval
+    from llava_jax.train.rm import rm_eval
 
     return rm_eval(spec, params, frozen, batch, centering=centering), jnp.sum(batch["valid"])
 
@@ -83,7 +85,7 @@ def _rm_eval_with_pairs(spec: ModelSpec, centering: float, params: dict, frozen:
 def run_train(s: RunSettings) -> dict:
     """Trains an SFT or RM stage as configured; returns the last logged metrics (plus eval)."""
     from llava_jax import sharding
-    from llava_jax.metrics import mfu, peak_flops, transformer_train_flops
+    from llava_jax.train.metrics import mfu, peak_flops, transformer_train_flops
 
     validate(s, jax.process_count(), jax.device_count())
     mesh = run_setup.make_mesh(s)
@@ -149,7 +151,7 @@ def export_result(s: RunSettings, spec: ModelSpec, state: TrainState, frozen: di
     CKPT/adapters/NAME (with the reward head for the RM): copy it into the base checkpoint's
     adapters/ to use it. Single-process: a multi-host run is exported by rerunning its
     command as one process, which restores the final checkpoint and exports."""
-    from llava_jax.model_ckpt import save_checkpoint, write_adapter_dir
+    from llava_jax.models.weights import save_checkpoint, write_adapter_dir
 
     if jax.process_count() > 1:
         print("export of the trained model is single-process: rerun this command as one process (one host) and it "

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llava_jax.lora import Adapter, forward
+from llava_jax.models.lora import Adapter, forward
 from llava_jax.models.layers import as_dtype
 from llava_jax.models.llama import CACHE_AXES, init_cache, positions_from_mask, unstack_layers
 from llava_jax.models.llava import LlavaConfig
