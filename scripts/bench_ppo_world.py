@@ -185,7 +185,8 @@ class OursPPO:
         sampling = SamplingConfig(max_new_tokens=response_len, temperature=self.cfg.ppo.temperature,
                                   top_p=self.cfg.ppo.top_p, top_k=self.cfg.ppo.top_k, eos_id=EOS, pad_id=PAD,
                                   cache_dtype=dtype)
-        optimizer, schedule = make_optimizer(optim, 1)
+        optimizer, self.schedule = make_optimizer(optim, 1)
+        self.updates = 0  # optimiser updates so far
         f32 = functools.partial(trainable.cast_tree, dtype=jnp.float32)
         self.frozen = {"policy_base": jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), base),
                        "ref": f32(adapters["ref_policy"].params), "reward": f32(adapters["reward"].params),
@@ -200,7 +201,7 @@ class OursPPO:
         self._score = jax.jit(functools.partial(rollout.score_responses, spec, False))  # values: recompute_old
         self._recompute = jax.jit(functools.partial(rollout.recompute_old, spec))
         self._finish = jax.jit(functools.partial(rollout.finish_rollout, self.hyper, weights, response_len, EOS))
-        self._step = jax.jit(functools.partial(ppo.ppo_step, spec, self.hyper, optimizer, schedule),
+        self._step = jax.jit(functools.partial(ppo.ppo_step, spec, self.hyper, optimizer, self.schedule),
                              donate_argnums=(0,))
         self.update_keys = rollout.UPDATE_KEYS
 
@@ -230,8 +231,11 @@ class OursPPO:
 
         begin = time.perf_counter()
         data = {k: v for k, v in rollout.items() if k in self.update_keys}
+        count = sum(-(-len(order) // step_batch) for order in orders)
+        lrs = ppo_setup.update_learning_rates(self.schedule, self.updates, count)
         self.state, metrics = ppo_setup.minibatch_updates(self._step, self.state, self.frozen, data, orders,
-                                                          step_batch)
+                                                          step_batch, lrs)
+        self.updates += count
         metrics = jax.device_get(metrics)
         times["update"] = time.perf_counter() - begin
         return metrics
@@ -242,13 +246,13 @@ class OursPPO:
 
         from llava_jax.rl import ppo, setup as ppo_setup
 
-        def loss(params: dict, minibatch: dict, rollout_params: dict) -> jax.Array:
-            total, aux = ppo.ppo_loss_sums(self.spec, self.hyper, params, self.frozen, minibatch, rollout_params)
+        def loss(params: dict, minibatch: dict) -> jax.Array:
+            total, aux = ppo.ppo_loss_sums(self.spec, self.hyper, params, self.frozen, minibatch, True)
             return total / jnp.maximum(aux["tokens"], 1.0)
 
         minibatch = ppo_setup.take_rows({k: v for k, v in rollout.items() if k in self.update_keys}, rows)
         # as the first update sees them: the params still the rollout's
-        grads = jax.jit(jax.grad(loss))(self.state.params, minibatch, self.state.params)
+        grads = jax.jit(jax.grad(loss))(self.state.params, minibatch)
         return {f"{k}_grad_norm": float(optax.tree.norm(g)) for k, g in grads.items()}
 
     def step(self, prompts: dict, seed: int, orders: list[np.ndarray], step_batch: int) -> tuple[dict, dict, list]:

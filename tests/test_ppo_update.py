@@ -1,7 +1,8 @@
-"""The PPO update's old log-probs and values (ppo.ppo_loss_sums): while the trained params are
-still the ones the rollout was scored with, the update takes them from its own forward (the
-ratio exactly 1 without a second policy forward); once the params moved, from the rollout.
-On the tiny random world of scripts/bench_ppo_world.py."""
+"""The PPO update's old log-probs and values (ppo.ppo_loss_sums): while the loop says the trained
+params are still the ones the rollout was scored with (the first update of a PPO step, and those
+after updates at learning rate 0), the update takes them from its own forward (the ratio exactly
+1 without a second policy forward); once the params moved, from the rollout. On the tiny random
+world of scripts/bench_ppo_world.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,9 +24,9 @@ def world():
     return ours, {k: v for k, v in rollout.items() if k in ours.update_keys}
 
 
-def _sums(ours, hyper, batch, rollout_params):
-    return jax.jit(lambda b, r: ppo.ppo_loss_sums(ours.spec, hyper, ours.state.params, ours.frozen, b, r)[1])(
-        batch, rollout_params)
+def _sums(ours, hyper, batch, params_unchanged):
+    return jax.jit(lambda b, u: ppo.ppo_loss_sums(ours.spec, hyper, ours.state.params, ours.frozen, b, u)[1])(
+        batch, params_unchanged)
 
 
 def test_unchanged_params_read_their_own_forward(world):
@@ -33,17 +34,33 @@ def test_unchanged_params_read_their_own_forward(world):
     mask = batch["response_mask"].astype(bool)
     # Old log-probs and values off by more than the clip ranges: any use of them shows.
     noisy = {**batch, "logprobs": jnp.where(mask, batch["logprobs"] - 0.5, 0.0), "values": batch["values"] + 0.5}
-    params = ours.state.params
-    same = _sums(ours, ours.hyper, noisy, params)
+    same = _sums(ours, ours.hyper, noisy, True)
     assert float(same["approx_kl"]) == 0.0 and float(same["policy_clipfrac"]) == 0.0
     assert float(same["value_clipfrac"]) == 0.0
-    moved = jax.tree_util.tree_map(lambda x: x + 1e-3, params)  # the rollout came from other params
-    other = _sums(ours, ours.hyper, noisy, moved)
+    other = _sums(ours, ours.hyper, noisy, False)  # the params moved since the rollout
     assert float(other["approx_kl"]) > 1e-3 and float(other["value_clipfrac"]) > 0
     sampler = ours.hyper.__class__(**{**ours.hyper.__dict__, "exact_ratio": False})  # old_logprobs = "sampler"
-    assert float(_sums(ours, sampler, noisy, params)["approx_kl"]) > 1e-3
-    with pytest.raises(ValueError, match="needs rollout_params"):  # exact_ratio never falls back silently
-        ppo.ppo_loss_sums(ours.spec, ours.hyper, params, ours.frozen, batch, None)
+    assert float(_sums(ours, sampler, noisy, True)["approx_kl"]) > 1e-3
+
+
+def test_the_loop_says_unchanged_while_every_earlier_update_ran_at_lr_zero():
+    from llava_jax.rl import setup as ppo_setup
+
+    seen = []
+
+    def step_fn(state, frozen, minibatch, params_unchanged):
+        seen.append(params_unchanged)
+        return state, {}
+
+    rollout = {"x": jnp.arange(4)}
+    orders = [np.arange(4), np.arange(4)]
+    for lrs, expected in (([0.0, 0.0, 1e-5, 1e-5], [True, True, True, False]),
+                          ([1e-5, 0.0, 0.0, 0.0], [True, False, False, False])):
+        seen.clear()
+        ppo_setup.minibatch_updates(step_fn, None, {}, rollout, orders, 2, lrs)
+        assert seen == expected
+    schedule = lambda count: jnp.where(count < 3, 0.0, 1e-5 * count)  # noqa: E731
+    assert ppo_setup.update_learning_rates(schedule, 2, 3) == [0.0, pytest.approx(3e-5), pytest.approx(4e-5)]
 
 
 def test_first_update_has_ratio_one_and_later_ones_do_not(world):

@@ -370,11 +370,10 @@ def build_ppo_step(ctx: Context) -> Step:
     spec = trees.spec
     flops = step_flops(spec.policy_config, rows, q + n) + step_flops(spec.reward_config, rows, q + n)
     params, opt = trees.resident
-    return Step("ppo_step", fn, (trees.state, trees.frozen, _batch(mesh, arrays), trees.state.params),
+    unchanged = jax.ShapeDtypeStruct((), jnp.bool_)
+    return Step("ppo_step", fn, (trees.state, trees.frozen, _batch(mesh, arrays), unchanged),
                 params=params, opt=opt,
-                # the params twice: the state's and the rollout's copy that the update compares with
-                state_in_args=device_bytes((trees.state.params, trees.frozen, trees.state.opt_state,
-                                            trees.state.params)), note=note,
+                state_in_args=device_bytes((trees.state.params, trees.frozen, trees.state.opt_state)), note=note,
                 model_flops=flops)
 
 

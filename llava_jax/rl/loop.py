@@ -105,7 +105,8 @@ def run_ppo(s: RunSettings) -> dict:
             if judge_captions is not None:
                 metrics["hallucination_rate"] = rollout_hallucination(samples, judge_captions)
             orders = [minibatch_order(s.seed, step, epoch, p.rollout_batch) for epoch in range(p.ppo_epochs)]
-            state, updates = ppo_setup.minibatch_updates(step_fn, state, frozen, rollout, orders, p.step_batch)
+            lrs = ppo_setup.update_learning_rates(schedule, (step - 1) * p.updates_per_step, p.updates_per_step)
+            state, updates = ppo_setup.minibatch_updates(step_fn, state, frozen, rollout, orders, p.step_batch, lrs)
             sums = functools.reduce(add, updates)  # stays on the device
             if p.adaptive_kl:
                 kl_coef = ppo.adaptive_kl_coef(kl_coef, metrics["kl"], p.target_kl, p.kl_horizon, p.rollout_batch)

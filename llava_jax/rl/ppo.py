@@ -205,41 +205,32 @@ def policy_value_outputs(spec: roles.PPOSpec, params: dict, frozen: dict, batch:
     return logp, entropy, values
 
 
-def trees_equal(a: dict, b: dict) -> jax.Array:
-    """Whether two trees of the same structure hold the same numbers (a scalar bool)."""
-    leaves = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: jnp.all(x == y), a, b))
-    return jnp.all(jnp.stack(leaves))
-
-
 def ppo_loss_sums(spec: roles.PPOSpec, hyper: PPOHyper, params: dict, frozen: dict, batch: dict,
-                  rollout_params: dict | None = None) -> tuple[jax.Array, dict]:
+                  params_unchanged: jax.Array | bool) -> tuple[jax.Array, dict]:
     """`objective_sums` of a minibatch under the current policy and value.
 
-    With `exact_ratio`, while `params` are still `rollout_params` (the first update of a PPO
-    step, or every update of one trained at learning rate 0), the old log-probs and values
-    are this forward's own: they are what the rollout's teacher-forced pass computes, but
-    under autodiff XLA may fuse a forward otherwise than alone (1-ulp differences on XLA:CPU
-    in float32, more in bfloat16; other batch shapes may tile otherwise on GPUs), and this way
-    the ratio is exactly 1 on any backend, at no cost. Later updates read the rollout's.
-    Without `exact_ratio`, `rollout_params` is not used and may be None."""
-    if hyper.exact_ratio and rollout_params is None:
-        raise ValueError("ppo_loss_sums: exact_ratio (ppo.old_logprobs='recompute') needs rollout_params, "
-                         "a copy of the trained params the rollout was scored with")
+    `params_unchanged`: the trained params are still the ones the rollout was scored with (the
+    loop knows: the first update of a PPO step, and every update after ones at learning rate
+    0). Then, with `exact_ratio`, the old log-probs and values are this forward's own: they are
+    what the rollout's teacher-forced pass computes, but under autodiff XLA may fuse a forward
+    otherwise than alone (1-ulp differences on XLA:CPU in float32, more in bfloat16; other
+    batch shapes may tile otherwise on GPUs), and this way the ratio is exactly 1 on any
+    backend, at no cost. Otherwise the old values are the rollout's."""
     logp, entropy, values = policy_value_outputs(spec, params, frozen, batch)
     if hyper.exact_ratio:
-        same = trees_equal(params, rollout_params)
-        batch = {**batch, "logprobs": jnp.where(same, jax.lax.stop_gradient(logp), batch["logprobs"]),
-                 "values": jnp.where(same, jax.lax.stop_gradient(values), batch["values"])}
+        own = jnp.asarray(params_unchanged, bool)
+        batch = {**batch, "logprobs": jnp.where(own, jax.lax.stop_gradient(logp), batch["logprobs"]),
+                 "values": jnp.where(own, jax.lax.stop_gradient(values), batch["values"])}
     return objective_sums(hyper, logp, entropy, values, batch)
 
 
 def ppo_step(spec: roles.PPOSpec, hyper: PPOHyper, optimizer: optax.GradientTransformation,
              schedule: optax.Schedule, state: TrainState, frozen: dict, batch: dict,
-             rollout_params: dict | None = None) -> tuple[TrainState, dict]:
+             params_unchanged: jax.Array | bool) -> tuple[TrainState, dict]:
     """One optimiser step on a minibatch of rollouts (grad_accum micro-batches);
-    `rollout_params`: the trained params the rollout was scored with (see ppo_loss_sums)."""
+    `params_unchanged`: see ppo_loss_sums."""
     rng, step_rng = jax.random.split(state.rng)
-    loss_fn = lambda p, mb, key: ppo_loss_sums(spec, hyper, p, frozen, mb, rollout_params)  # noqa: E731
+    loss_fn = lambda p, mb, key: ppo_loss_sums(spec, hyper, p, frozen, mb, params_unchanged)  # noqa: E731
     grads, aux = accumulate(loss_fn, state.params, batch, hyper.grad_accum, step_rng)
     tokens = jnp.maximum(aux.pop("tokens"), 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / tokens, grads)

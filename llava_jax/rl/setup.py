@@ -134,30 +134,34 @@ def state_shardings(spec: roles.PPOSpec, state_shape: Any, mesh: Any) -> Any:
 
 def jit_ppo_step(spec: roles.PPOSpec, hyper: ppo.PPOHyper, optimizer: Any, schedule: Any, state_sh: Any,
                  frozen_sh: Any) -> Callable:
-    """One PPO minibatch update `(state, frozen, batch, rollout_params)`, jitted with explicit
-    shardings; the state is donated (`rollout_params`, the params the rollout was scored with,
-    must be a copy)."""
+    """One PPO minibatch update `(state, frozen, batch, params_unchanged)`, jitted with explicit
+    shardings; the state is donated."""
     return jax.jit(functools.partial(ppo.ppo_step, spec, hyper, optimizer, schedule),
-                   in_shardings=(state_sh, frozen_sh, None, state_sh.params), out_shardings=(state_sh, None),
+                   in_shardings=(state_sh, frozen_sh, None, None), out_shardings=(state_sh, None),
                    donate_argnums=(0,))
 
 
-# Jitted once per process: row selection of a rollout, and the copy of the rollout's params
-# that the update compares against (the state, params included, is donated to each update).
+# Jitted once per process: row selection of a rollout.
 _take_rows = jax.jit(lambda tree, rows: jax.tree_util.tree_map(lambda x: x[rows], tree))
-_copy_tree = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
+
+
+def update_learning_rates(schedule: Any, first_update: int, count: int) -> list[float]:
+    """The learning rates of optimiser updates first_update .. first_update + count - 1."""
+    return [float(v) for v in np.asarray(jax.vmap(schedule)(jnp.arange(first_update, first_update + count)))]
 
 
 def minibatch_updates(step_fn: Callable, state: Any, frozen: dict, rollout: dict, orders: Sequence[np.ndarray],
-                      step_batch: int) -> tuple[Any, list[dict]]:
+                      step_batch: int, learning_rates: Sequence[float]) -> tuple[Any, list[dict]]:
     """The PPO epochs of one rollout: for each order (a permutation of the rollout's rows,
-    one per epoch), an update `step_fn(state, frozen, minibatch, rollout_params)` per
-    `step_batch` rows. Returns the new state and each update's metrics, on the device."""
-    rollout_params = _copy_tree(state.params)
-    metrics = []
+    one per epoch), an update `step_fn(state, frozen, minibatch, params_unchanged)` per
+    `step_batch` rows. `learning_rates`: each update's, in order (update_learning_rates):
+    while every earlier update ran at 0 the params are still the rollout's, and the update is
+    told so (ppo.ppo_loss_sums). Returns the new state and each update's metrics, on the device."""
+    metrics, unchanged = [], True
     for order in orders:
         for start in range(0, len(order), step_batch):
-            state, m = step_fn(state, frozen, take_rows(rollout, order[start:start + step_batch]), rollout_params)
+            state, m = step_fn(state, frozen, take_rows(rollout, order[start:start + step_batch]), unchanged)
+            unchanged = unchanged and learning_rates[len(metrics)] == 0.0
             metrics.append(m)
     return state, metrics
 
