@@ -134,6 +134,39 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_to_device(batch: dict, mesh: Mesh) -> dict:
+    """Process-local host arrays -> global arrays sharded over (data, fsdp) on the batch axis
+    (each process gives its own rows; a "meta" entry, host-side records, is left out)."""
+    return {key: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), np.asarray(value))
+            for key, value in batch.items() if key != "meta"}
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order (batch_to_device's inverse)."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    shards = {}
+    for shard in array.addressable_shards:
+        shards.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+    return np.concatenate([shards[k] for k in sorted(shards)], axis=0)
+
+
+def gather_processes(value: np.ndarray) -> np.ndarray:
+    """Every process's `value` (host data of one shape everywhere), stacked [process_count, ...]:
+    the one cross-process all-gather of host values."""
+    value = np.asarray(value)
+    if jax.process_count() == 1:
+        return value[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(value)).reshape(jax.process_count(), *value.shape)
+
+
+def max_over_processes(value: int) -> int:
+    """The largest of every process's `value` (one global shape from per-process widths)."""
+    return int(gather_processes(np.asarray(value, np.int64)).max())
+
+
 def activation_rules() -> Any:
     """Context manager that makes the models' `with_logical_constraint`s use our table."""
     return nn.logical_axis_rules(LOGICAL_RULES)

@@ -14,7 +14,7 @@ apart, the table shows the median of the later steps.
 
 --vs-hf: our PPO step from the library pieces (scripts/bench_ppo_world.py: rollout.
 generate_responses, score_responses, recompute_old, finish_rollout, ppo.ppo_step) against
-tests/torch_ppo_reference.py (HF transformers + peft, one base with four named adapters, as
+scripts/torch_ppo_reference.py (HF transformers + peft, one base with four named adapters, as
 the original) on one random world exported with convert.export_hf and write_peft_adapter,
 so both hold identical weights; synthetic left-padded prompts with images; the reward model
 reads query + response + a fixed rating prompt, left padded (one host builder for both
@@ -155,8 +155,7 @@ def vs_hf_main(a: argparse.Namespace) -> bool:
     a.omp = torch_wait_policy()
     import torch
 
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from torch_ppo_reference import TorchPPO, TorchPPOHyper
+    from scripts.torch_ppo_reference import TorchPPO, TorchPPOHyper
 
     torch.set_num_threads(a.torch_threads or os.cpu_count() or 1)
     config = build_config(a.model, a.layers, a.vocab)

@@ -180,13 +180,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     except (ConversionError, OSError, ValueError, KeyError) as e:
         sys.exit(f"error: {type(e).__name__ + ': ' if isinstance(e, KeyError) else ''}{e}")
     done = {_key(ans, a.format) for ans in answers}
-    total = len(dataset.items)
-    todo = [item for item in dataset.items
-            if _key(item.data["question"].record or {"question_id": item.data["question"].question_id},
-                    a.format) not in done]
+    total = len(dataset)
+    dataset = dataset.subset([i for i, item in enumerate(dataset.items)
+                              if _key(item.data["question"].record or {"question_id": item.data["question"].question_id},
+                                      a.format) not in done])
+    todo = dataset.items
     model_id = a.model_id or os.path.basename(os.path.normpath(a.ckpt)) + (f"/{a.adapter}" if a.adapter else "")
     print(f"{total} questions, {total - len(todo)} already answered in {a.out}")
-    dataset.items = todo
 
     if todo:
         sampling = SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,

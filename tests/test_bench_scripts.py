@@ -1,5 +1,5 @@
 """The benchmark scripts on tiny shapes on the CPU: `scripts/bench_ppo.py --vs-hf` (our PPO
-step against the PyTorch reference of tests/torch_ppo_reference.py: the same rollout gives
+step against the PyTorch reference of scripts/torch_ppo_reference.py: the same rollout gives
 the same scores, advantages, losses and gradient norms on both sides, and the ratio line is
 printed) and `scripts/bench_gpu.py --tiny` (every section runs, so the script works the first
 time a GPU is there)."""

@@ -105,6 +105,17 @@ def test_sft_example_layout(folder, tok):
     assert with_image["input_ids"][target][-1] == tok.eos_id
 
 
+def test_a_held_out_subset_counts_its_skips_in_its_own_report(folder, tok):
+    records = [{"id": str(i), "image": "bad.png" if i == 3 else "good.png", "conversations": qa()} for i in range(5)]
+    dataset = SFTDataset(write(folder, "sft.json", records), tok, **kw(folder))
+    held, train = dataset.subset([3, 1], split="held out"), dataset.subset([0, 2, 4])
+    assert [it.index for it in held.items] == [3, 1] and [it.index for it in train.items] == [0, 2, 4]
+    assert len(dataset) == 5  # the source dataset is not changed
+    assert len(all_examples(held)) == 1 and len(all_examples(train)) == 3
+    assert held.report.skipped == {"corrupt_image": 1} and held.report.source == "sft.json (held out)"
+    assert train.report is dataset.report and dataset.report.skipped == {}
+
+
 def test_sft_too_long_truncated_or_skipped(folder, tok):
     long = qa(a="There is a red circle in the top left. " * 20)
     path = write(folder, "sft.json", [{"image": "good.png", "conversations": long}])

@@ -229,7 +229,8 @@ def _bucket_child(out: str) -> None:
 
     from llava_jax import sharding
     from llava_jax.models.llava import tiny_config
-    from llava_jax.train.setup import agree_length, to_device
+    from llava_jax.sharding import batch_to_device
+    from llava_jax.train.setup import agree_length
     from llava_jax.settings import RunSettings
     from llava_jax.train.loop import build_data
 
@@ -239,7 +240,7 @@ def _bucket_child(out: str) -> None:
     for _ in range(BUCKET_STEPS):
         local = next(loader)
         own = multihost_utils.process_allgather(np.asarray([local["input_ids"].shape[-1]]))
-        batch = to_device(agree_length(local, loader), mesh)
+        batch = batch_to_device(agree_length(local, loader), mesh)
         ids = multihost_utils.process_allgather(batch["input_ids"], tiled=True)
         steps.append({"own_lengths": np.asarray(own).ravel().tolist(), "input_ids": np.asarray(ids).tolist()})
     if jax.process_index() == 0:

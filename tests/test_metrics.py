@@ -129,6 +129,7 @@ def test_flops_and_mfu_hand_example():
     # N=1e9 params, 1000 tokens, L=10, H=100, S=50: 6e12 + 12*10*100*50*1000 = 6e12 + 6e8
     assert transformer_train_flops(10**9, 1000, 10, 100, 50) == 6e12 + 6e8
     assert transformer_train_flops(10**9, 1000, 10, 100, 50, lora=True) == 4e12 + 6e8
+    assert transformer_train_flops(10**9, 1000, 10, 100, 50, forward_only=True) == 2e12 + 2e8
     # 4e14 FLOPs in 0.5 s on 2 devices of 1e15 peak -> 8e14 / 2e15 = 0.4
     assert mfu(4e14, 0.5, 1e15, 2) == pytest.approx(0.4)
     with pytest.raises(ValueError):

@@ -34,6 +34,7 @@ from llava_jax.train import setup as run_setup
 from llava_jax.models import trainable
 from llava_jax.aot.report import Step, StepReport, compile_step, device_bytes
 from llava_jax.aot.targets import GiB
+from llava_jax.train.metrics import transformer_train_flops
 from llava_jax.models.clip import ClipVisionConfig
 from llava_jax.models.llama import LlamaConfig
 from llava_jax.models.llava import LlavaConfig, init_params, tiny_config
@@ -150,13 +151,14 @@ def llm_params(config: LlavaConfig) -> int:
 
 
 def step_flops(config: LlavaConfig, seqs: int, length: int, passes: int = 3) -> float:
-    """Model FLOPs of `seqs` sequences of `length` tokens through the LLM: 2 x params x tokens
-    per pass (3 passes: forward + backward) plus attention's 4 x layers x hidden x length per
-    token and pass (QK^T and PV, no causal saving). The vision tower (frozen, one forward) is
-    left out."""
-    tokens = seqs * length
+    """Model FLOPs of `seqs` sequences of `length` tokens through the LLM (metrics'
+    transformer_train_flops): forward + backward (`passes` 3) or one forward (`passes` 1).
+    The vision tower (frozen, one forward) is left out."""
+    if passes not in (1, 3):
+        raise ValueError(f"step_flops: passes={passes}; expected 1 (forward) or 3 (forward + backward)")
     text = config.text
-    return passes * (2.0 * llm_params(config) * tokens + 4.0 * text.num_layers * text.hidden_size * length * tokens)
+    return transformer_train_flops(llm_params(config), seqs * length, text.num_layers, text.hidden_size, length,
+                                   forward_only=passes == 1)
 
 
 # --------------------------------------------------------------------------- steps

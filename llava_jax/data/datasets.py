@@ -15,6 +15,7 @@ long), after reporting it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -79,6 +80,17 @@ class RecordDataset:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def subset(self, keep: Sequence[int], split: str = "") -> RecordDataset:
+        """This dataset restricted to items `keep` (positions in `items`, in that order). With a
+        `split` name (e.g. "held out") the subset counts its load-time skips in a DataReport of
+        its own (`<file> (<split>)`); without one it shares this dataset's report."""
+        out = copy.copy(self)
+        out.items = [self.items[i] for i in keep]
+        if split:
+            out.report = DataReport(f"{self.report.source} ({split})", self.report.strict)
+            out.report.total = len(out.items)
+        return out
 
     def load(self, i: int) -> dict | None:
         item = self.items[i]

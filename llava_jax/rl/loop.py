@@ -62,15 +62,15 @@ def run_ppo(s: RunSettings) -> dict:
     loader, tokenizer, prompt = build_prompts(s, spec)
     chunks_per_step = p.rollout_batch // p.chunk
     # The original's count: prompts x epochs // rollout_batch (a partial last rollout batch is not run).
-    prompts = len(loader.dataset.items)
+    prompts = len(loader.dataset)
     steps = s.train.max_steps if s.train.max_steps > 0 else max(1, int(s.train.num_epochs * prompts) // p.rollout_batch)
     optimizer, schedule = ppo_setup.ppo_optimizer(s, steps)
     hyper = ppo_setup.ppo_hyper(p)
-    weights = fact_reward.RewardWeights(p.rm_weight, p.correct_bonus, p.length_bonus, p.no_stop_penalty)
+    weights = fact_reward.RewardWeights.from_settings(p)
     rcfg = RolloutConfig(ppo_setup.sampling_config(p, tokenizer.eos_id, tokenizer.pad_id), weights,
                          with_facts=p.with_facts, template=s.data.template, pad_multiple=p.reward_pad_multiple,
                          seed=s.seed, cut_ids=ppo_setup.question_mark_ids(tokenizer) if p.cut_at_question_mark else (),
-                         recompute_logprobs=p.old_logprobs == "recompute")
+                         recompute_logprobs=p.recompute_old_logprobs)
     frozen_sh = ppo_setup.frozen_shardings(spec, frozen, mesh)
     frozen = run_setup.place(frozen, frozen_sh)
     state_shape = run_setup.abstract_state(s, params, optimizer)
@@ -138,10 +138,7 @@ def rollout_hallucination(samples: list[dict], captions: dict) -> float:
     rows = [s for s in samples if s["caption_type"] == 1 and s["image"] in captions]
     counts = np.asarray([sum(hallucinates(s["response"], scene_objects(captions[s["image"]])) for s in rows),
                          len(rows)], np.int64)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(0)
+    counts = sharding.gather_processes(counts).sum(0)
     return float(counts[0]) / max(int(counts[1]), 1)
 
 

@@ -113,31 +113,11 @@ def finish_rollout(hyper: ppo.PPOHyper, weights: fact_reward.RewardWeights, resp
     terms = fact_reward.score_terms(rollout["rm_raw"], rollout["correct"], length / response_len,
                                     rollout["length_bonus"], has_stop, weights)
     advantages, metrics = ppo.compute_advantages(hyper, {**rollout, "score": terms["score"]}, kl_coef)
-    rows = rollout["valid"].astype(bool)
-    row_mean = lambda x: jnp.sum(jnp.where(rows, x, 0.0)) / jnp.maximum(jnp.sum(rows), 1)  # noqa: E731
+    row_mean = functools.partial(ppo.masked_mean, mask=rollout["valid"].astype(bool))
     metrics.update({k: row_mean(v) for k, v in terms.items() if k != "score"})
     metrics.update(response_length=row_mean(length), stop_rate=row_mean(has_stop),
                    correct_rate=row_mean(rollout["correct"]))
     return {**rollout, **advantages, "score": terms["score"]}, metrics
-
-
-def local_rows(array: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in order."""
-    if jax.process_count() == 1:
-        return np.asarray(array)
-    shards = {}
-    for shard in array.addressable_shards:
-        shards.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
-    return np.concatenate([shards[k] for k in sorted(shards)], axis=0)
-
-
-def agree_width(width: int) -> int:
-    """The widest of every process's padded width (one global shape)."""
-    if jax.process_count() == 1:
-        return width
-    from jax.experimental import multihost_utils
-
-    return int(np.max(multihost_utils.process_allgather(np.asarray([width], np.int32))))
 
 
 class Rollouts:
@@ -155,10 +135,6 @@ class Rollouts:
                                                  rcfg.sampling.eos_id))
         self._concat = jax.jit(lambda chunks: jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *chunks))
 
-    def to_device(self, batch: dict) -> dict:
-        return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, np.ndim(v)), np.asarray(v))
-                for k, v in batch.items()}
-
     def chunk(self, frozen: dict, params: dict, host: dict, rng: jax.Array, seed: tuple[int, ...],
               timings: dict) -> tuple[dict, list[dict]]:
         """Samples and scores one loader batch; returns device arrays and per-row samples."""
@@ -172,12 +148,12 @@ class Rollouts:
                 host["input_ids"], host["attention_mask"], spec.reward_config.image_token_index, n_from, n_to,
                 self.tokenizer.pad_id)
         begin = time.perf_counter()
-        batch = self.to_device(inputs)
+        batch = sharding.batch_to_device(inputs, self.mesh)
         generated = jax.block_until_ready(self._generate(frozen, params, batch, rng))
         timings["generate"] += time.perf_counter() - begin
 
         begin = time.perf_counter()
-        tokens, mask = local_rows(generated["response"]), local_rows(generated["response_mask"])
+        tokens, mask = sharding.local_rows(generated["response"]), sharding.local_rows(generated["response_mask"])
         texts = fact_reward.response_texts(tokens, mask, self.tokenizer, rcfg.sampling.eos_id)
         metas = host["meta"]
         correct = np.asarray([fact_reward.correctness(t, c) for t, c in zip(texts, host["caption_type"])], np.float32)
@@ -188,10 +164,11 @@ class Rollouts:
                                   with_facts=rcfg.with_facts, template=rcfg.template, seed=seed,
                                   pad_id=self.tokenizer.pad_id, first_row=jax.process_index() * len(metas))
         reward_ids, reward_mask = build(pad_multiple=rcfg.pad_multiple)
-        width = agree_width(reward_ids.shape[1])
+        width = sharding.max_over_processes(reward_ids.shape[1])
         if width > reward_ids.shape[1]:
             reward_ids, reward_mask = build(length=width)
-        extra = self.to_device({"reward_ids": reward_ids, "reward_mask": reward_mask, "correct": correct})
+        extra = sharding.batch_to_device({"reward_ids": reward_ids, "reward_mask": reward_mask, "correct": correct},
+                                         self.mesh)
         scored = self._score(frozen, params, {**batch, **generated, **extra})
         rollout = {**batch, **generated, **scored, "correct": extra["correct"]}
         if self.rcfg.recompute_logprobs:
@@ -222,7 +199,7 @@ class Rollouts:
         rollout, metrics = self._finish(rollout, jnp.float32(kl_coef))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         timings["score"] += time.perf_counter() - begin
-        score = local_rows(rollout["score"])
+        score = sharding.local_rows(rollout["score"])
         for row, value in zip(samples, score):
             row["score"] = float(value)
         return {k: v for k, v in rollout.items() if k in UPDATE_KEYS}, metrics, samples

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from llava_jax import sharding
+
 
 class Checkpointer:
     def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
@@ -74,13 +76,10 @@ class Checkpointer:
 
 
 def gather_loader_states(local: dict) -> list[dict]:
-    """Every process's loader state (each resumes its own shard); JSON over process_allgather."""
+    """Every process's loader state (each resumes its own shard), as JSON bytes over the hosts."""
     if jax.process_count() == 1:
         return [local]
-    from jax.experimental import multihost_utils
-
     encoded = json.dumps(local).encode()
-    size = np.asarray(multihost_utils.process_allgather(np.asarray([len(encoded)]))).max()
-    padded = np.frombuffer(encoded.ljust(int(size), b" "), np.uint8)
-    gathered = np.asarray(multihost_utils.process_allgather(padded))
-    return [json.loads(bytes(row).decode().strip()) for row in gathered.reshape(jax.process_count(), -1)]
+    size = sharding.max_over_processes(len(encoded))
+    gathered = sharding.gather_processes(np.frombuffer(encoded.ljust(size, b" "), np.uint8))
+    return [json.loads(bytes(row).decode().strip()) for row in gathered]

@@ -4,7 +4,6 @@ ppo_loop.py; what both share is in run_setup.py.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import os
 from typing import Any
@@ -13,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llava_jax import sharding
 from llava_jax.models import lora as lora_lib
 from llava_jax.train import setup as run_setup
 from llava_jax.models import trainable
@@ -41,11 +41,9 @@ def build_data(s: RunSettings, config: Any) -> tuple[Any, Any | None, Any]:
         dataset = PreferenceDataset(d.train, tokenizer, captions=captions, encode_fn=encode, seed=s.seed, **common)
     eval_dataset = None
     if d.eval_size > 0:
-        order = np.random.default_rng(s.seed).permutation(len(dataset.items))
-        held = set(order[:d.eval_size].tolist())
-        eval_dataset = copy.copy(dataset)
-        eval_dataset.items = [it for i, it in enumerate(dataset.items) if i in held]
-        dataset.items = [it for i, it in enumerate(dataset.items) if i not in held]
+        order = np.random.default_rng(s.seed).permutation(len(dataset))
+        eval_dataset = dataset.subset(sorted(order[:d.eval_size].tolist()), split="held out")
+        dataset = dataset.subset(sorted(order[d.eval_size:].tolist()))
     per_process = s.train.batch_size // jax.process_count()
     buckets = default_buckets(d.max_length, d.num_buckets)
     loader = Loader(dataset, per_process, seed=s.seed, buckets=buckets, num_workers=d.workers, pad_side="right")
@@ -68,7 +66,7 @@ def evaluate(state: TrainState, frozen: dict, loader: Any, mesh: Any, eval_fn: A
     count = 0.0
     loader.restore({**loader.state(), "epoch": 0, "position": 0})
     for batch in loader:
-        batch = run_setup.to_device(run_setup.agree_length(batch, loader), mesh)
+        batch = sharding.batch_to_device(run_setup.agree_length(batch, loader), mesh)
         metrics, pairs = jax.device_get(eval_fn(state.params, frozen, batch))
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + float(value) * float(pairs)
@@ -84,7 +82,6 @@ def _rm_eval_with_pairs(spec: ModelSpec, centering: float, params: dict, frozen:
 
 def run_train(s: RunSettings) -> dict:
     """Trains an SFT or RM stage as configured; returns the last logged metrics (plus eval)."""
-    from llava_jax import sharding
     from llava_jax.train.metrics import mfu, peak_flops, transformer_train_flops
 
     validate(s, jax.process_count(), jax.device_count())
@@ -128,7 +125,7 @@ def run_train(s: RunSettings) -> dict:
     tail = run_setup.StepTail(s, ckpt, steps=steps, start=start, desc=s.stage, bar_loss="loss", derive=derive)
     with jax.set_mesh(mesh), sharding.activation_rules():  # set_mesh: flax sees the mesh (activation constraints)
         for step in range(start + 1, steps + 1):
-            batch = run_setup.to_device(run_setup.agree_length(next(loader), loader), mesh)
+            batch = sharding.batch_to_device(run_setup.agree_length(next(loader), loader), mesh)
             host = {"seq_len": float(batch["input_ids"].shape[-1])}
             state, metrics = step_fn(state, frozen, batch)
             metrics = {**metrics, "tokens": count_tokens(batch["attention_mask"])}  # global, fetched a step late

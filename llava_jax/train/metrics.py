@@ -160,8 +160,9 @@ class MetricsWriter:
 
 # --- FLOPs and model FLOPs utilization --------------------------------------------------
 def transformer_train_flops(num_params: int, tokens: int, num_layers: int, hidden: int, seq_len: int,
-                            *, lora: bool = False) -> float:
-    """Training FLOPs of one step over `tokens` tokens (the global batch, padding included).
+                            *, lora: bool = False, forward_only: bool = False) -> float:
+    """Model FLOPs of one step over `tokens` tokens (the global batch, padding included): the
+    one FLOP formula (the trainers' MFU, the compile check, the benchmarks).
 
     Weights: forward 2*N per token, backward 2*N for activation gradients + 2*N for weight
     gradients = 6*N. With LoRA the base weights are frozen, so their weight-gradient matmuls
@@ -169,11 +170,14 @@ def transformer_train_flops(num_params: int, tokens: int, num_layers: int, hidde
     (QK^T and AV): 4*L*H*seq_len per token forward, twice that backward = 12*L*H*seq_len;
     the LoRA flag leaves it unchanged, since those matmuls have no weights and both backward
     products are activation gradients still needed to reach earlier adapters. Causal masking
-    is not discounted (kernels usually compute the full square). A fully frozen prefix with
-    no adapters (e.g. a vision tower) needs only its forward, 2*N: count it separately.
+    is not discounted (kernels usually compute the full square). `forward_only`: one forward
+    pass, 2*N + 4*L*H*seq_len per token (scoring, sampling, a frozen vision tower).
     """
+    attention = 4 * num_layers * hidden * seq_len * tokens
+    if forward_only:
+        return float(2 * num_params * tokens + attention)
     per_token_weights = (4 if lora else 6) * num_params
-    return float(per_token_weights * tokens + 12 * num_layers * hidden * seq_len * tokens)
+    return float(per_token_weights * tokens + 3 * attention)
 
 
 def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_device: float, num_devices: int) -> float:

@@ -53,22 +53,17 @@ def made_in_shards(make: Callable[[], Any], shardings_of: Callable[[Any], Any]) 
     return jax.jit(make, out_shardings=shardings_of(jax.eval_shape(make)))()
 
 
-TRAINABLE_PARTS = {"projector": ["projector"], "projector+llm": ["projector", "llm"], "lora": [],
-                   "lora+projector": ["projector"]}
-
-
 def split_trainable(s: RunSettings, config: Any, base: dict, start_adapter: lora_lib.Adapter | None,
                     rng: jax.Array) -> tuple[ModelSpec, dict, dict]:
     """(spec, trainable params (float32), frozen base) for train.trainable; traceable: the
     loop builds the trainable params inside the jit that makes the train state
     (`init_or_restore`), the compile check runs it under eval_shape."""
-    mode = s.train.trainable
-    train_base, frozen = trainable.split_base(base, TRAINABLE_PARTS[mode])
+    train_base, frozen = trainable.split_base(base, s.train.trainable_parts)
     params: dict = {}
     if train_base:
         params["base"] = trainable.cast_tree(train_base, jnp.float32)
     spec = ModelSpec(config)
-    if mode.startswith("lora"):
+    if s.train.uses_lora:
         adapter = start_adapter or lora_lib.init_adapter(base, s.train.lora_config(), jax.random.fold_in(rng, 1))
         params["adapter"] = trainable.cast_tree(adapter.params, jnp.float32)
         spec = ModelSpec(config, adapter.config)
@@ -93,7 +88,7 @@ def trainable_builder(s: RunSettings, config: Any, base: dict, start_adapter: lo
 
     args = (base, None if start_adapter is None else start_adapter.params)
     shapes = jax.eval_shape(make, *args)
-    frozen = trainable.split_base(base, TRAINABLE_PARTS[s.train.trainable])[1]
+    frozen = trainable.split_base(base, s.train.trainable_parts)[1]
     return box["spec"], shapes, frozen, make, args
 
 
@@ -158,23 +153,12 @@ def place(tree: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(put, tree, shardings)
 
 
-def to_device(batch: dict, mesh: Any) -> dict:
-    """Process-local host arrays -> global arrays sharded over (data, fsdp) on the batch axis."""
-    return {key: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(value)),
-                                                        np.asarray(value))
-            for key, value in batch.items() if key != "meta"}
-
-
 def agree_length(batch: dict, loader: Any) -> dict:
     """Pads this process's batch to the longest sequence bucket of any process: each process
     buckets only its own rows, but the global batch needs one shape everywhere (the 1-process
     run would have picked that same bucket for the whole batch)."""
-    if jax.process_count() == 1:
-        return batch
-    from jax.experimental import multihost_utils
-
     length = batch["input_ids"].shape[-1]
-    longest = int(np.max(multihost_utils.process_allgather(np.asarray([length], np.int32))))
+    longest = sharding.max_over_processes(length)
     return loader.pad_to(batch, longest) if longest > length else batch
 
 
