@@ -36,7 +36,6 @@ def get_config():
     c.data.image_folder = "data/coco/train2017"
     c.data.captions = "data/LLaVA-RLHF-Data/image_to_caption.json"
     c.data.tokenizer = "ckpts/vicuna-13b-v1.5"
-    c.data.max_length = 2048
     c.ppo.policy_adapter = "runs/policy_init_13b/adapter"
     c.ppo.reward_base = ""  # the same 13B base
     c.ppo.reward_adapter = "runs/rm_13b/adapter"

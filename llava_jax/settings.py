@@ -1,36 +1,59 @@
-"""Typed run settings: the config file's ConfigDict is read once, at the entry
-(`RunSettings.from_config`), into frozen dataclasses that the rest of the code takes.
+"""The typed settings tree: every field a run reads, with its default, type and one-line doc,
+held here once (frozen dataclasses; the machinery is in settings_read.py).
 
-The field names and defaults live in `configs/common.py` only (the single source of knobs);
-here each section lists the fields llava_jax reads, with their types. A config field this
-module does not know is rejected with an error naming it and the closest known fields, so
-no setting is silently ignored. `validate` holds every check that needs no device.
+A config file's ConfigDict starts from these defaults (configs/common.py's `base_config()` is
+generated from this tree) and is read once, at the entry (`RunSettings.from_config`), into the
+tree the rest of the code takes; a lower layer takes the section it needs (`make_optimizer` the
+`optim` section, `ppo_setup.ppo_hyper` the `ppo` one). Reading refuses, by name, a field that does
+not exist (with the closest known ones) and a field the run's stage never reads set away from its
+default (`stages=`), so no setting is silently ignored. Options are `Literal`s checked and lists
+converted to tuples when a section is built; `validate` holds every check that needs no device.
+`docs(RunSettings)` lists every field with its type, default, stages and doc.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib.util
 import os
-import typing
-from typing import Any
+from typing import Any, Literal, get_args
 
-from llava_jax.train.optim import OptimConfig
+from llava_jax import settings_read
+from llava_jax.settings_read import Section, docs, load_config_file, section, setting  # noqa: F401 (re-exported)
 
-STAGES = ("sft", "rm", "ppo")
-CPU_SHAPES = ("auto", "on", "off")
-TRAINABLE = ("projector", "projector+llm", "lora", "lora+projector")
+Stage = Literal["sft", "rm", "ppo"]  # pretrain is sft with trainable=projector and template=plain
+CpuShapes = Literal["auto", "on", "off"]
+Dtype = Literal["float32", "bfloat16", "float16"]  # models.layers.DTYPES
+Remat = Literal["none", "full", "dots", "dots_no_batch"]  # models.layers.REMAT_POLICIES
+Attention = Literal["xla", "flash"]  # models.llama.ATTENTION_BACKENDS
+Trainable = Literal["projector", "projector+llm", "lora", "lora+projector"]
+Schedule = Literal["cosine", "constant", "linear"]
+Template = Literal["vicuna_v1", "v1", "llava_v1", "plain"]  # data.templates' registry
+KLEstimator = Literal["k1", "k1_unclamped", "k3"]
+ScheduleUnit = Literal["rollout", "update"]
+OldLogprobs = Literal["recompute", "sampler"]
+
+STAGES: tuple[str, ...] = get_args(Stage)
+CPU_SHAPES: tuple[str, ...] = get_args(CpuShapes)
+TRAINABLE: tuple[str, ...] = get_args(Trainable)
+SFT_RM = ("sft", "rm")
+# The base parts each train.trainable mode trains in full (LoRA adapters aside).
+_TRAINABLE_PARTS = {"projector": ("projector",), "projector+llm": ("projector", "llm"), "lora": (),
+                    "lora+projector": ("projector",)}
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSettings:
-    init: str
-    adapter: str
-    dtype: str
-    param_dtype: str
-    remat: str
-    attention: str
-    cpu_shapes: str  # auto | on | off; see resolve_cpu_shapes
+class ModelSettings(Section):
+    PATH = "config.model"
+    init: str = setting("tiny", '"tiny" (random tiny LLaVA) or a converted checkpoint directory')
+    adapter: str = setting("", 'adapter inside model.init to start from ("" = none)', stages=SFT_RM)
+    dtype: Dtype = setting("float32", "compute dtype")
+    param_dtype: Dtype = setting("float32", "dtype of the frozen base on device")
+    remat: Remat = setting("none", "rematerialisation policy of the scanned layers")
+    attention: Attention = setting("xla", "whole-sequence attention of the training and scoring passes (flash: "
+                                   "Pallas splash on TPU, cuDNN on GPU, Pallas interpret mode on CPU for checking "
+                                   "only); the sampler stays on XLA")
+    cpu_shapes: CpuShapes = setting("auto", "the forms XLA:CPU runs faster (folded query groups in attention, "
+                                    "unstacked decode layers); auto: on iff the run's devices (a compile check: its "
+                                    "target's) are CPUs. Decided once at the start of a run, which prints it")
 
     def runtime_knobs(self) -> dict[str, Any]:
         """The model's runtime knobs (LlavaConfig.with_runtime). A `cpu_shapes` still "auto" here
@@ -67,86 +90,143 @@ def describe_cpu_shapes(before: str, after: str, platform: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainSettings:
-    trainable: str
-    lora_rank: int
-    lora_alpha: float
-    lora_dropout: float
-    lora_targets: str
-    batch_size: int
-    grad_accum: int
-    num_epochs: float
-    max_steps: int
+class TrainSettings(Section):
+    PATH = "config.train"
+    trainable: Trainable = setting("projector+llm", "what trains: the projector, projector + LLM, a LoRA adapter, "
+                                   "or LoRA + projector (the vision tower stays frozen)")
+    lora_rank: int = setting(64, "LoRA rank")
+    lora_alpha: float = setting(16.0, "LoRA alpha (the update is scaled by alpha / rank)")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA input (0 in PPO)")
+    lora_targets: tuple[str, ...] = setting(("q", "k", "v", "o", "gate", "up", "down"),
+                                            "the LLM projections LoRA adapts (a comma-separated string or a list)")
+    batch_size: int = setting(128, "global batch (all processes and accumulation steps)", stages=SFT_RM)
+    grad_accum: int = setting(1, "micro-batches per SFT step", stages=("sft",), unread={
+        "rm": "the RM step takes whole batches (its centering term is a batch mean); lower train.batch_size or "
+              "use more devices instead",
+        "ppo": "PPO splits its minibatches by ppo.grad_accum; set that instead"})
+    num_epochs: float = setting(1.0, "passes over the data (PPO: over the prompts)")
+    max_steps: int = setting(-1, "> 0: stop after this many steps (e.g. RM early stop at 200)")
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether a LoRA adapter trains."""
+        return self.trainable in ("lora", "lora+projector")
+
+    @property
+    def trainable_parts(self) -> tuple[str, ...]:
+        """The base parts trained in full (LoRA aside): () / ("projector",) / ("projector", "llm")."""
+        return _TRAINABLE_PARTS[self.trainable]
 
     def lora_config(self) -> Any:
-        from llava_jax.models.lora import LoraConfig
+        from llava_jax.models.lora import LoraConfig  # the one upward reference: a call, not an import-time one
 
-        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
-        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=targets)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSettings:
-    train: str
-    image_folder: str
-    captions: str
-    tokenizer: str
-    template: str
-    max_length: int
-    num_buckets: int
-    workers: int
-    eval_size: int
-    strict: bool
+        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          targets=self.lora_targets)
 
 
 @dataclasses.dataclass(frozen=True)
-class RMSettings:
-    centering: float
-    with_facts: bool
-    prompt_file: str
-    eval_every: int
+class OptimSettings(Section):
+    """AdamW with a linear warmup, then the schedule's shape, and global-norm clipping
+    (train/optim.py; `OptimConfig` there is this section)."""
+    PATH = "config.optim"
+    learning_rate: float = setting(2e-5, "peak learning rate")
+    schedule: Schedule = setting("cosine", "shape after the warmup (linear: decay to 0)")
+    warmup_ratio: float = setting(0.03, "warmup as a fraction of the total steps")
+    warmup_steps: int = setting(0, "> 0: absolute warmup steps (wins over warmup_ratio)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    max_grad_norm: float = setting(1.0, "global-norm gradient clipping (0: none)")
+    b1: float = setting(0.9, "AdamW beta1")
+    b2: float = setting(0.999, "AdamW beta2")
+    eps: float = setting(1e-8, "AdamW epsilon")
 
 
 @dataclasses.dataclass(frozen=True)
-class PPOSettings:
-    policy_adapter: str
-    reward_base: str
-    reward_adapter: str
-    rollout_batch: int
-    rollout_chunk: int
-    step_batch: int
-    grad_accum: int
-    ppo_epochs: int
-    max_query_tokens: int
-    response_len: int
-    temperature: float
-    top_p: float
-    top_k: int
-    cache_dtype: str
-    with_facts: bool
-    rm_weight: float
-    correct_bonus: float
-    length_bonus: float
-    no_stop_penalty: float
-    kl_estimator: str
-    kl_coef: float
-    adaptive_kl: bool
-    target_kl: float
-    kl_horizon: int
-    reward_scale: float
-    whiten_rewards: bool
-    gamma: float
-    lam: float
-    clip: float
-    value_clip: float
-    vf_coef: float
-    whiten_over_pads: bool
-    loss_over_pads: bool
-    cut_at_question_mark: bool
-    lr_schedule_unit: str
-    old_logprobs: str
-    reward_pad_multiple: int
-    export_merged: bool
+class DataSettings(Section):
+    PATH = "config.data"
+    train: str = setting("", "JSON/JSONL in the LLaVA(-RLHF) format of the stage")
+    image_folder: str = setting("", "directory the records' image paths are relative to")
+    captions: str = setting("", "image -> captions JSON (rm with facts, ppo)", stages=("rm", "ppo"))
+    tokenizer: str = setting("", "HF tokenizer directory")
+    template: Template = setting("vicuna_v1", "conversation template")
+    max_length: int = setting(1280, "tokens, image placeholders included", stages=SFT_RM)
+    num_buckets: int = setting(3, "static sequence lengths (halving down from max_length)", stages=SFT_RM)
+    workers: int = setting(2, "image-decoding threads per process")
+    eval_size: int = setting(0, "records held out from data.train for evaluation", stages=SFT_RM, unread={
+        "ppo": "PPO holds no prompts out (its held-out evaluation is eval.toy_dir or scripts/generate.py); "
+               "set it to 0"})
+    strict: bool = setting(False, "bad records: raise instead of skip-and-count")
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSettings(Section):
+    PATH = "config.rm"
+    STAGES = ("rm",)
+    centering: float = setting(1e-3, "weight of |mean(r_chosen + r_rejected)|")
+    with_facts: bool = setting(True, 'captions inside the "accurate" criterion (Fact-RLHF)')
+    prompt_file: str = setting("", 'reward prompt wording ("" = llava_jax/data/prompts/fact_rlhf_reward.txt)',
+                               stages=("rm", "ppo"))
+    eval_every: int = setting(50, "steps between held-out evaluations")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOSettings(Section):
+    PATH = "config.ppo"
+    STAGES = ("ppo",)
+    policy_adapter: str = setting("", "policy-init adapter dir (a LoRA SFT run's workdir/adapter); "
+                                  '"" = fresh LoRA = base')
+    reward_base: str = setting("", 'checkpoint dir of the reward/value base ("" = model.init, one shared base)')
+    reward_adapter: str = setting("", "the RM run's adapter dir (LoRA + reward head); value starts from it")
+    rollout_batch: int = setting(512, "prompts sampled per PPO step (global)")
+    rollout_chunk: int = setting(0, "prompts sampled and scored per jitted pass (0 = the whole rollout batch)")
+    step_batch: int = setting(256, "rollouts per optimiser step (global)")
+    grad_accum: int = setting(1, "micro-batches per optimiser step")
+    ppo_epochs: int = setting(2, "passes over each rollout batch")
+    max_query_tokens: int = setting(128, "longer prompts are dropped (image counted as one token)")
+    response_len: int = setting(896, "max new tokens")
+    temperature: float = setting(1.0, "rollout sampling temperature")
+    top_p: float = setting(1.0, "rollout nucleus sampling (1: off)")
+    top_k: int = setting(0, "rollout top-k sampling (0: off)")
+    cache_dtype: Dtype = setting("bfloat16", "KV cache of the rollout sampler")
+    with_facts: bool = setting(True, "captions inside the reward prompt (Fact-RLHF)")
+    rm_weight: float = setting(1.0, "multiplier of the reward model's score (0: symbolic rewards only)")
+    correct_bonus: float = setting(2.0, 'x correctness (multiple choice 1/0, yes/no-"No" +-0.5)')
+    length_bonus: float = setting(-10.0, "x response length / response_len x item length_bonus")
+    no_stop_penalty: float = setting(-8.0, "added when the response did not end with EOS")
+    kl_estimator: KLEstimator = setting("k1", "k1 (clamped at 0, as the original) | k1_unclamped | k3")
+    kl_coef: float = setting(0.1, "initial (or fixed) KL coefficient")
+    adaptive_kl: bool = setting(False, "proportional controller towards target_kl (Ziegler et al.)")
+    target_kl: float = setting(6.0, "per-sequence KL the adaptive controller aims at")
+    kl_horizon: int = setting(10000, "adaptive controller horizon (rollouts)")
+    reward_scale: float = setting(10.0, "shaped rewards x this (when not whitened)")
+    whiten_rewards: bool = setting(False, "whiten shaped rewards (no mean shift) instead of scaling")
+    gamma: float = setting(1.0, "GAE discount")
+    lam: float = setting(1.0, "GAE lambda")
+    clip: float = setting(0.2, "policy ratio clip")
+    value_clip: float = setting(0.2, "value clip")
+    vf_coef: float = setting(0.1, "value loss weight")
+    # Fidelity to the original LLaVA-RLHF PPO (README "PPO: where we differ from the original").
+    # The defaults reproduce it; the tiny configs choose the alternatives we think better.
+    whiten_over_pads: bool = setting(True, "advantages: the score on the tensor's last position, GAE through the "
+                                     "pads and whitening statistics over every [batch, response_len] position, pads "
+                                     "included (the original; a pad's advantage is reward_scale x score - V(pad), and "
+                                     "at the published shapes the pads outnumber the tokens, so the statistics follow "
+                                     "the pads). False: the episode ends at the last valid token, statistics over "
+                                     "valid tokens only")
+    loss_over_pads: bool = setting(True, "policy and value losses as means over every position (the original: much "
+                                   "of the value gradient fits V(pad), and the pads dilute the policy gradient). "
+                                   "False: means over valid tokens")
+    cut_at_question_mark: bool = setting(True, "cut each response after its first '?' token (LLaMA ids 1577 / 29973, "
+                                         "as the original): its EOS is gone, so the no-stop penalty applies. False: "
+                                         "responses end at EOS only")
+    lr_schedule_unit: ScheduleUnit = setting("rollout", "rollout: the schedule steps once per PPO step (the "
+                                             "original: warmup counts rollouts and the whole first rollout trains at "
+                                             "lr 0) | update: once per optimiser update")
+    old_logprobs: OldLogprobs = setting("recompute", "recompute: PPO's old log-probs from a teacher-forced policy "
+                                        "pass (the original; the first update's ratio is exactly 1 in any dtype) | "
+                                        "sampler: the sampler's (one pass fewer; equal in float32 only)")
+    reward_pad_multiple: int = setting(64, "reward-model inputs padded to a multiple of this (few compiles)")
+    export_merged: bool = setting(False, "also write the policy merged into the base as an HF model "
+                                  "(workdir/hf_merged)")
 
     @property
     def chunk(self) -> int:
@@ -157,18 +237,27 @@ class PPOSettings:
     def updates_per_step(self) -> int:
         return self.ppo_epochs * (self.rollout_batch // self.step_batch)
 
+    @property
+    def recompute_old_logprobs(self) -> bool:
+        """Old log-probs (and values) from a teacher-forced pass, not the sampler's."""
+        return self.old_logprobs == "recompute"
+
 
 @dataclasses.dataclass(frozen=True)
-class EvalSettings:
-    toy_dir: str
-    batch_size: int
+class EvalSettings(Section):
+    PATH = "config.eval"
+    STAGES = ("ppo",)
+    toy_dir: str = setting("", "toy world (data/toy): PPO logs the rollouts' hallucination_rate and ends with a greedy "
+                           'held-out evaluation of the SFT and PPO policies (llava_jax/eval/toy_eval.py); "" = off')
+    batch_size: int = setting(64, "questions per generate call in that evaluation")
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshSettings:
-    data: int
-    fsdp: int
-    tensor: int
+class MeshSettings(Section):
+    PATH = "config.mesh"
+    data: int = setting(1, "data-parallel axis size")
+    fsdp: int = setting(-1, "fully sharded data-parallel axis size (-1: all remaining devices)")
+    tensor: int = setting(1, "tensor-parallel axis size")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -176,138 +265,79 @@ class MeshSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class CheckpointSettings:
-    every: int
-    keep: int
-    async_save: bool
+class CheckpointSettings(Section):
+    PATH = "config.checkpoint"
+    every: int = setting(100, "steps between checkpoints")
+    keep: int = setting(3, "checkpoints kept")
+    async_save: bool = setting(True, "write checkpoints in the background")
 
 
 @dataclasses.dataclass(frozen=True)
-class LogSettings:
-    every: int
-    tensorboard: bool
-    peak_tflops: float
+class LogSettings(Section):
+    PATH = "config.log"
+    every: int = setting(1, "steps between metrics lines (PPO: rollout samples)")
+    tensorboard: bool = setting(True, "also write TensorBoard events (workdir/tb)")
+    peak_tflops: float = setting(0.0, "per device, for MFU (0: look up the device kind)", stages=SFT_RM)
 
 
 @dataclasses.dataclass(frozen=True)
-class RunSettings:
-    stage: str
-    seed: int
-    workdir: str
-    resume: bool
-    requires: str
-    model: ModelSettings
-    train: TrainSettings
-    optim: OptimConfig
-    data: DataSettings
-    rm: RMSettings
-    ppo: PPOSettings
-    eval: EvalSettings
-    mesh: MeshSettings
-    checkpoint: CheckpointSettings
-    log: LogSettings
+class RunSettings(Section):
+    PATH = "config"
+    stage: Stage = setting("sft", "sft | rm | ppo (pretrain is sft with trainable=projector and template=plain)")
+    seed: int = setting(0, "model init, data order, dropout")
+    workdir: str = setting("runs/default", "checkpoints/, metrics.jsonl and tb/ go here")
+    resume: bool = setting(True, "continue from the latest checkpoint in workdir")
+    requires: tuple[str, ...] = setting((), "config files run first when their workdir has no exported result "
+                                        "(a comma-separated string or a list)")
+    model: ModelSettings = section(ModelSettings, "the model and its runtime knobs")
+    train: TrainSettings = section(TrainSettings, "what trains, LoRA, batch and length of the run")
+    optim: OptimSettings = section(OptimSettings, "optimiser and learning-rate schedule")
+    data: DataSettings = section(DataSettings, "training data and its loader")
+    rm: RMSettings = section(RMSettings, "reward-model training")
+    ppo: PPOSettings = section(PPOSettings, "PPO: roles, rollouts, rewards, loss")
+    eval: EvalSettings = section(EvalSettings, "PPO's evaluation on the toy world")
+    mesh: MeshSettings = section(MeshSettings, "device mesh")
+    checkpoint: CheckpointSettings = section(CheckpointSettings, "checkpoints")
+    log: LogSettings = section(LogSettings, "metrics")
 
     @classmethod
     def from_config(cls, cfg: Any) -> RunSettings:
-        """The settings of a ConfigDict (or any mapping of mappings) built from configs/common.py."""
-        return _read(cls, cfg, "config")
+        """The settings of a ConfigDict (or any mapping of mappings; a field left out keeps its
+        default): unknown fields and fields the stage does not read are refused by name."""
+        s = settings_read.read(cls, cfg, "config")
+        settings_read.refuse_unread(s, s.stage)
+        return s
 
     def required_configs(self) -> list[str]:
-        return [p.strip() for p in self.requires.split(",") if p.strip()]
-
-    def replace(self, **sections: Any) -> RunSettings:
-        """A copy with some fields replaced; `replace(train={"max_steps": 3})` edits inside a section."""
-        out = {}
-        for name, value in sections.items():
-            current = getattr(self, name)
-            out[name] = dataclasses.replace(current, **value) if isinstance(value, dict) else value
-        return dataclasses.replace(self, **out)
+        return list(self.requires)
 
 
-def _field_names(cls: type, prefix: str = "") -> list[str]:
-    names = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            names += _field_names(hints[f.name], f"{prefix}{f.name}.")
-        else:
-            names.append(prefix + f.name)
-    return names
-
-
-def _coerce(kind: type, value: Any, where: str) -> Any:
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}={value!r}: expected True or False")
-        return value
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ValueError(f"{where}={value!r}: expected a number ({kind.__name__})")
-    if kind is int and not isinstance(value, int):
-        raise ValueError(f"{where}={value!r}: expected an integer")
-    if kind is str and not isinstance(value, str):
-        raise ValueError(f"{where}={value!r}: expected a string")
-    return kind(value)
-
-
-def _read(cls: type, node: Any, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in node.keys():
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.5)
-            raise ValueError(f"{where}.{key}: no such setting (llava_jax reads no such field)"
-                             + (f"; closest: {', '.join(f'{where}.{c}' for c in close)}" if close else ""))
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in node:
-            if f.default is not dataclasses.MISSING:
-                continue
-            raise ValueError(f"{where}.{f.name}: missing (configs start from configs/common.py's base_config())")
-        kind = hints[f.name]
-        if dataclasses.is_dataclass(kind):
-            values[f.name] = _read(kind, node[f.name], f"{where}.{f.name}")
-        else:
-            values[f.name] = _coerce(kind, node[f.name], f"{where}.{f.name}")
-    return cls(**values)
-
-
-# ---------------------------------------------------------------------- config files
-
-def load_config_file(path: str) -> Any:
-    """`get_config()` of a config file (as `--config FILE` does, without overrides)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"config file {path!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"_llava_jax_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config()
+def base_config() -> Any:
+    """The tree's defaults as the ConfigDict that config files and `--config.a.b=value` override
+    (lists as comma strings, the command line's form)."""
+    return settings_read.as_config_dict(RunSettings())
 
 
 def unknown_field(dotted: str) -> str | None:
     """None when `dotted` (e.g. "train.batch_size") names a setting; else a one-line error
     naming it and the closest valid ones."""
-    fields = _field_names(RunSettings)
-    if dotted in fields:
-        return None
-    close = difflib.get_close_matches(dotted, fields, n=3, cutoff=0.5)
-    return f"--config.{dotted}: no such config field" + (f"; closest: {', '.join(close)}" if close else "")
+    return settings_read.unknown_field(RunSettings, dotted)
+
+
+def apply_overrides(cfg: Any, items: list[str]) -> None:
+    """`--config.a.b=value` items applied to a ConfigDict, as scripts/train.py accepts them."""
+    settings_read.apply_overrides(cfg, items, unknown_field)
 
 
 # ------------------------------------------------------------------------ validation
 
 def validate(s: RunSettings, process_count: int, device_count: int) -> None:
-    """Everything that can be checked before touching a device, with one clear error each."""
+    """Everything that can be checked before touching a device, with one clear error each
+    (types and options were checked when the settings were built)."""
     from llava_jax import sharding
 
-    if s.stage not in STAGES:
-        raise ValueError(f"config.stage={s.stage!r}: expected one of {STAGES}")
-    if s.model.cpu_shapes not in CPU_SHAPES:
-        raise ValueError(f"config.model.cpu_shapes={s.model.cpu_shapes!r}: expected one of {CPU_SHAPES}")
-    if s.train.trainable not in TRAINABLE:
-        raise ValueError(f"config.train.trainable={s.train.trainable!r}: expected one of {TRAINABLE}")
-    if s.stage == "rm" and not s.train.trainable.startswith("lora"):
+    settings_read.refuse_unread(s, s.stage)  # settings built by replace() rather than read
+    if s.stage == "rm" and not s.train.uses_lora:
         raise ValueError("config.train.trainable: the reward model trains a LoRA adapter (lora or lora+projector)")
     for name in ("train", "tokenizer"):
         path = getattr(s.data, name)
@@ -319,20 +349,15 @@ def validate(s: RunSettings, process_count: int, device_count: int) -> None:
         raise ValueError(f"config.data.captions={s.data.captions!r}: rm.with_facts needs the captions file")
     if s.model.init != "tiny" and not os.path.isdir(s.model.init):
         raise ValueError(f"config.model.init={s.model.init!r}: expected 'tiny' or a checkpoint directory")
-    if s.train.batch_size <= 0 or s.train.batch_size % (s.train.grad_accum * process_count):
+    if s.stage != "ppo" and (s.train.batch_size <= 0 or s.train.batch_size % (s.train.grad_accum * process_count)):
         raise ValueError(f"config.train.batch_size={s.train.batch_size} must divide into grad_accum="
                          f"{s.train.grad_accum} x {process_count} processes")
-    if s.stage == "rm" and s.train.grad_accum != 1:
-        raise ValueError(f"config.train.grad_accum={s.train.grad_accum}: the RM step takes whole batches (its "
-                         "centering term is a batch mean); lower train.batch_size or use more devices instead")
     sharding.mesh_shape(s.mesh.shape, device_count)
     if s.stage == "ppo":
         _validate_ppo(s, process_count)
 
 
 def _validate_ppo(s: RunSettings, procs: int) -> None:
-    from llava_jax.rl.ppo import PPOHyper
-
     p = s.ppo
     if not p.reward_adapter or not os.path.isdir(p.reward_adapter):
         raise ValueError(f"config.ppo.reward_adapter={p.reward_adapter!r}: the reward model's adapter directory "
@@ -348,20 +373,9 @@ def _validate_ppo(s: RunSettings, procs: int) -> None:
     if s.train.lora_dropout:
         raise ValueError(f"config.train.lora_dropout={s.train.lora_dropout}: PPO runs its adapters without "
                          "dropout (the rollout's log-probs and the update must see one policy); set it to 0")
-    if s.train.grad_accum != 1:
-        raise ValueError(f"config.train.grad_accum={s.train.grad_accum}: PPO splits its minibatches by "
-                         "ppo.grad_accum; set that instead")
-    if s.data.eval_size:
-        raise ValueError(f"config.data.eval_size={s.data.eval_size}: PPO holds no prompts out (its held-out "
-                         "evaluation is eval.toy_dir or scripts/generate.py); set it to 0")
     if p.rollout_batch % p.step_batch or p.step_batch % (p.grad_accum * procs):
         raise ValueError(f"config.ppo: rollout_batch={p.rollout_batch} must be a multiple of step_batch="
                          f"{p.step_batch}, itself a multiple of grad_accum={p.grad_accum} x {procs} processes")
     if p.rollout_batch % p.chunk or p.chunk % procs:
         raise ValueError(f"config.ppo.rollout_chunk={p.chunk} must divide rollout_batch={p.rollout_batch} and be a "
                          f"multiple of {procs} processes")
-    PPOHyper(kl_estimator=p.kl_estimator)
-    if p.lr_schedule_unit not in ("rollout", "update"):
-        raise ValueError(f"config.ppo.lr_schedule_unit={p.lr_schedule_unit!r}: expected 'rollout' or 'update'")
-    if p.old_logprobs not in ("recompute", "sampler"):
-        raise ValueError(f"config.ppo.old_logprobs={p.old_logprobs!r}: expected 'recompute' or 'sampler'")

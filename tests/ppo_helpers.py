@@ -40,13 +40,14 @@ def make_world(root: str, sft_steps: int | None = None, rm_steps: int | None = N
         if epochs is not None:
             cfg.train.num_epochs = epochs
         cfg.log.tensorboard, cfg.data.workers = False, 0
-        cfg.checkpoint.every = cfg.rm.eval_every = 10**9  # the last step still saves and evaluates
+        cfg.checkpoint.every = 10**9  # the last step still saves (and the RM evaluates)
         if steps is not None or name == "rm":  # short runs, or (the RM) inputs of nearly one length: one compile
             cfg.data.num_buckets = 1
         # One device: partitioning over the 8 forced CPU devices would only add compile time
         # and collectives on 2 cores (mesh invariance has tests of its own).
         cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
         if name == "rm":
+            cfg.rm.eval_every = 10**9
             cfg.model.init = os.path.join(root, "sft", "model")
             if steps is not None:  # a short run: full lr from the first step, or its scores stay ~0
                 cfg.optim.schedule, cfg.optim.learning_rate, cfg.optim.warmup_steps = "constant", 2e-3, 5

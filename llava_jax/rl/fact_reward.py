@@ -17,14 +17,22 @@ import numpy as np
 
 from llava_jax.data.records import correctness
 from llava_jax.data.reward_prompt import RewardPrompt, reward_ids
+from llava_jax.settings import PPOSettings
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardWeights:
-    rm_weight: float = 1.0
-    correct_bonus: float = 2.0
-    length_bonus: float = -10.0
-    no_stop_penalty: float = -8.0
+    """The score's weights: the `ppo` settings of the same names (defaults and docs in the
+    settings tree), built from them by `from_settings` only; no defaults of their own."""
+    rm_weight: float
+    correct_bonus: float
+    length_bonus: float
+    no_stop_penalty: float
+
+    @classmethod
+    def from_settings(cls, p: PPOSettings) -> RewardWeights:
+        return cls(rm_weight=p.rm_weight, correct_bonus=p.correct_bonus, length_bonus=p.length_bonus,
+                   no_stop_penalty=p.no_stop_penalty)
 
 
 def score_terms(rm_score: np.ndarray, correct: np.ndarray, length_fraction: np.ndarray, length_bonus: np.ndarray,

@@ -1,30 +1,18 @@
-"""Optimiser and learning-rate schedules from a config (AdamW, warmup + cosine / constant,
-global-norm clipping), as LLaVA-RLHF's stages use them."""
+"""Optimiser and learning-rate schedules from the run's `optim` settings (AdamW, warmup +
+cosine / constant / linear, global-norm clipping), as LLaVA-RLHF's stages use them. The
+fields, their defaults and docs are the settings tree's (`llava_jax.settings.OptimSettings`;
+`OptimConfig` is that section, kept under its old name)."""
 from __future__ import annotations
 
-import dataclasses
 import math
+from typing import get_args
 
 import optax
 
-SCHEDULES = ("cosine", "constant", "linear")
+from llava_jax.settings import OptimSettings, Schedule
 
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    learning_rate: float = 2e-5
-    schedule: str = "cosine"  # cosine | constant | linear (decay to 0), all after a linear warmup
-    warmup_steps: int = 0  # absolute warmup steps (wins over warmup_ratio when > 0)
-    warmup_ratio: float = 0.03  # fraction of total steps
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0  # 0: no clipping
-
-    def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+OptimConfig = OptimSettings
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
