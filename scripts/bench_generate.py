@@ -102,7 +102,7 @@ def main() -> None:
 
     # The KV cache in the model dtype: a bfloat16 cache under float32 compute would convert
     # the whole cache every step (slow on CPU), and HF keeps its cache in the model dtype too.
-    sampling = SamplingConfig(max_new_tokens=a.new_tokens, temperature=0.0, eos_id=None, cache_dtype=a.dtype)
+    sampling = SamplingConfig.greedy(max_new_tokens=a.new_tokens, eos_id=None, cache_dtype=a.dtype)
     runners, compile_s, outs = {}, {}, {}
     for suffix, on in cpu_shapes_variants(a.cpu_shapes):
         run = generate_fn(config.with_runtime(cpu_shapes=on), sampling)

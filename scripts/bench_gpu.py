@@ -140,7 +140,7 @@ def bench_decode(config: LlavaConfig, base: dict, a: argparse.Namespace, bandwid
     pixels = pixels.astype(a.dtype)
 
     def timed(new_tokens: int) -> tuple[float, float]:
-        sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0, eos_id=None, cache_dtype=a.dtype)
+        sampling = SamplingConfig.greedy(max_new_tokens=new_tokens, eos_id=None, cache_dtype=a.dtype)
         run = generate_fn(config, sampling)
         begin = time.perf_counter()
         jax.block_until_ready(run(base, None, ids, mask, pixels, jax.random.PRNGKey(0)))

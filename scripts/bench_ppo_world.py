@@ -150,19 +150,14 @@ def minibatch_orders(seed: int, round_: int, epochs: int, rows: int) -> list[np.
 
 
 def ppo_settings(lr: float) -> tuple[Any, Any, float, Any, Any]:
-    """(PPOHyper, RewardWeights, kl_coef, OptimConfig) from configs/common.py; lr constant."""
-    from configs.common import base_config
+    """(PPOHyper, RewardWeights, kl_coef, OptimConfig, settings) of the settings tree's defaults; lr constant."""
     from llava_jax.rl import fact_reward, setup as ppo_setup
-    from llava_jax.train.optim import OptimConfig
+    from llava_jax.settings import RunSettings
 
-    c = base_config()
+    c = RunSettings()
     p = c.ppo
-    hyper = ppo_setup.ppo_hyper(p)
-    weights = fact_reward.RewardWeights(p.rm_weight, p.correct_bonus, p.length_bonus, p.no_stop_penalty)
-    optim = OptimConfig(learning_rate=lr, schedule="constant", warmup_steps=0, warmup_ratio=0.0,
-                        weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
-                        max_grad_norm=c.optim.max_grad_norm)
-    return hyper, weights, float(p.kl_coef), optim, c
+    optim = c.optim.replace(learning_rate=lr, schedule="constant", warmup_steps=0, warmup_ratio=0.0)
+    return ppo_setup.ppo_hyper(p), fact_reward.RewardWeights.from_settings(p), float(p.kl_coef), optim, c
 
 
 class OursPPO:

@@ -103,7 +103,7 @@ def test_flash_model_forward_and_kv_cache_generation_match_xla():
               (("xla", xla_cfg), ("flash", flash_cfg))}
     valid = mask.astype(bool)
     np.testing.assert_allclose(logits["flash"][valid], logits["xla"][valid], atol=2e-5)
-    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0, eos_id=None, cache_dtype="float32")
+    greedy = SamplingConfig.greedy(max_new_tokens=6, eos_id=None, cache_dtype="float32")
     tokens = [np.asarray(generate(c, base, None, ids, mask, pixels, jax.random.PRNGKey(0), greedy)["tokens"])
               for c in (xla_cfg, flash_cfg)]
     np.testing.assert_array_equal(tokens[0], tokens[1])
@@ -127,7 +127,7 @@ def test_accelerator_shapes_compute_what_the_cpu_shapes_compute():
     labels = np.where(mask == 1, ids, -100)
     size = tiny_config().vision.image_size
     pixels = rng.randn(2, size, size, 3).astype(np.float32)
-    greedy = SamplingConfig(max_new_tokens=5, temperature=0.0, eos_id=None, cache_dtype="float32")
+    greedy = SamplingConfig.greedy(max_new_tokens=5, eos_id=None, cache_dtype="float32")
     out = {}
     for on in (True, False):
         config = tiny_config(cpu_shapes=on)
@@ -136,7 +136,7 @@ def test_accelerator_shapes_compute_what_the_cpu_shapes_compute():
         hidden = lora.forward(config, base, None, ids, pixels, mask, method="hidden")
         sums = losses.head_cross_entropy(hidden, base["llm"]["lm_head"]["kernel"], jnp.asarray(labels), jnp.ones(2))
         tokens = np.asarray(generate(config, base, None, ids, mask, pixels, jax.random.PRNGKey(0), greedy)["tokens"])
-        out[on] = (logits, sums, tokens, _use_unstacked(config, base, None, SamplingConfig()))
+        out[on] = (logits, sums, tokens, _use_unstacked(config, base, None, greedy))
     np.testing.assert_allclose(out[False][0][mask == 1], out[True][0][mask == 1], atol=2e-5)
     for a, b in zip(out[False][1], out[True][1]):
         np.testing.assert_allclose(a, b, rtol=1e-5)

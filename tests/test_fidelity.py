@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from llava_jax.rl import fact_reward, ppo, rollout
+from llava_jax.rl import fact_reward, ppo, rollout, setup as ppo_setup
+from llava_jax.settings import PPOSettings
 from llava_jax.data.templates import USER, Turn, encode_prompt, normalize_turns, render
 
 B, N = 4, 7
@@ -22,6 +23,12 @@ LOGP = RNG.normal(-2, 1, (B, N)).astype(np.float32)
 REF = RNG.normal(-2, 1, (B, N)).astype(np.float32)
 VALUES = RNG.normal(0, 1, (B, N)).astype(np.float32)
 SCORE = np.array([1.5, -0.5, -8.2, 2.0], np.float32)
+
+
+def _hyper(**ppo_fields) -> ppo.PPOHyper:
+    """PPOHyper as a run builds it (rl.setup.ppo_hyper) from the settings tree's `ppo` defaults
+    with `ppo_fields` changed."""
+    return ppo_setup.ppo_hyper(PPOSettings(**ppo_fields))
 
 
 # --- references, from the original's code -------------------------------------------------
@@ -94,7 +101,7 @@ def _rollout():
 
 
 def test_advantages_over_pads_equal_the_original():
-    hyper = ppo.PPOHyper(whiten_over_pads=True, loss_over_pads=True)
+    hyper = _hyper(whiten_over_pads=True, loss_over_pads=True)
     out, _ = ppo.compute_advantages(hyper, _rollout(), jnp.float32(0.1))
     advantages, returns = original_advantages(LOGP, REF, VALUES, SCORE, MASK)
     np.testing.assert_allclose(out["advantages"], advantages, atol=1e-5)
@@ -104,8 +111,9 @@ def test_advantages_over_pads_equal_the_original():
 
 
 def test_valid_token_layout_keeps_the_raw_returns_and_changes_only_the_statistics():
-    ours, _ = ppo.compute_advantages(ppo.PPOHyper(), _rollout(), jnp.float32(0.1))
-    original, _ = ppo.compute_advantages(ppo.PPOHyper(whiten_over_pads=True), _rollout(), jnp.float32(0.1))
+    ours, _ = ppo.compute_advantages(_hyper(whiten_over_pads=False, loss_over_pads=False), _rollout(), jnp.float32(0.1))
+    original, _ = ppo.compute_advantages(_hyper(whiten_over_pads=True, loss_over_pads=False), _rollout(),
+                                         jnp.float32(0.1))
     np.testing.assert_allclose(np.asarray(ours["returns"])[MASK], np.asarray(original["returns"])[MASK], atol=1e-4)
     raw = np.asarray(ours["returns"]) - VALUES
     np.testing.assert_allclose(np.asarray(ours["advantages"])[MASK],
@@ -125,7 +133,7 @@ def test_losses_and_their_gradients_equal_the_original(over_pads):
     vpred = (VALUES + rng.normal(0, 0.5, (B, N))).astype(np.float32)
     batch = {"response_mask": jnp.asarray(MASK), "logprobs": jnp.asarray(np.where(MASK, LOGP, 0.0)),
              "advantages": jnp.asarray(advantages), "values": jnp.asarray(VALUES), "returns": jnp.asarray(returns)}
-    hyper = ppo.PPOHyper(loss_over_pads=over_pads)
+    hyper = _hyper(whiten_over_pads=False, loss_over_pads=over_pads)
 
     def ours(logp, values):
         total, aux = ppo.objective_sums(hyper, logp, jnp.zeros_like(logp), values, batch)
@@ -174,7 +182,8 @@ def test_a_cut_response_has_lost_its_stop_and_its_tail():
              "logprobs": jnp.zeros((b, n)), "ref_logprobs": jnp.zeros((b, n)), "values": jnp.zeros((b, n)),
              "rm_raw": jnp.zeros(b), "correct": jnp.zeros(b), "length_bonus": jnp.ones(b), "valid": jnp.ones(b)}
     weights = fact_reward.RewardWeights(rm_weight=1.0, correct_bonus=2.0, length_bonus=-10.0, no_stop_penalty=-8.0)
-    out, _ = rollout.finish_rollout(ppo.PPOHyper(), weights, n, EOS, batch, jnp.float32(0.1))
+    hyper = _hyper(whiten_over_pads=False, loss_over_pads=False)
+    out, _ = rollout.finish_rollout(hyper, weights, n, EOS, batch, jnp.float32(0.1))
     stopped = np.asarray([EOS in original_truncate(r, EOS, PAD, [Q1, Q2]) for r in CUT_ROWS])
     length = mask.sum(1)
     np.testing.assert_allclose(out["score"], -10.0 * length / n - 8.0 * (~stopped), atol=1e-5)

@@ -5,7 +5,8 @@ import pytest
 
 import jax.numpy as jnp
 
-from llava_jax.rl import fact_reward, ppo
+from llava_jax.rl import fact_reward, ppo, setup as ppo_setup
+from llava_jax.settings import PPOSettings
 from llava_jax.data.templates import USER, Turn
 
 RNG = np.random.default_rng(0)
@@ -15,6 +16,12 @@ LOGP = RNG.normal(-2, 1, (B, N)).astype(np.float32)
 REF = RNG.normal(-2, 1, (B, N)).astype(np.float32)
 VALUES = RNG.normal(0, 1, (B, N)).astype(np.float32)
 SCORE = np.array([1.5, -0.5, 2.0], np.float32)
+
+
+def _hyper(**ppo_fields) -> ppo.PPOHyper:
+    """PPOHyper as a run builds it (rl.setup.ppo_hyper) from the settings tree's `ppo` defaults
+    with `ppo_fields` changed."""
+    return ppo_setup.ppo_hyper(PPOSettings(**ppo_fields))
 
 
 def np_gae(rewards, values, mask, gamma, lam):
@@ -90,7 +97,8 @@ def test_clipped_policy_and_value_losses():
 
 
 def test_compute_advantages_end_to_end():
-    hyper = ppo.PPOHyper(kl_estimator="k1", reward_scale=10.0, gamma=1.0, lam=1.0)
+    hyper = _hyper(kl_estimator="k1", reward_scale=10.0, gamma=1.0, lam=1.0, whiten_over_pads=False,
+                   loss_over_pads=False)
     rollout = {"response_mask": MASK, "logprobs": LOGP, "ref_logprobs": REF, "values": VALUES, "score": SCORE,
                "valid": np.ones(B, np.int32)}
     out, metrics = ppo.compute_advantages(hyper, {k: jnp.asarray(v) for k, v in rollout.items()}, jnp.float32(0.1))
@@ -107,7 +115,7 @@ def test_compute_advantages_end_to_end():
 
 
 def test_whitened_rewards_replace_scaling():
-    hyper = ppo.PPOHyper(whiten_rewards=True)
+    hyper = _hyper(whiten_rewards=True, whiten_over_pads=False, loss_over_pads=False)
     rollout = {"response_mask": MASK, "logprobs": LOGP, "ref_logprobs": REF, "values": VALUES, "score": SCORE,
                "valid": np.ones(B, np.int32)}
     out, _ = ppo.compute_advantages(hyper, {k: jnp.asarray(v) for k, v in rollout.items()}, jnp.float32(0.1))

@@ -72,7 +72,7 @@ def test_greedy_tokens_match_hf_generate(world, with_image, cpu_shapes):
     hf, config, base = world
     config = config.with_runtime(cpu_shapes=cpu_shapes)
     ids, mask, pixels = _prompts(config, with_image)
-    sampling = SamplingConfig(max_new_tokens=NEW, temperature=0.0, eos_id=None, cache_dtype="float32")
+    sampling = SamplingConfig.greedy(max_new_tokens=NEW, eos_id=None, cache_dtype="float32")
     out = generate_fn(config, sampling)(base, None, ids, mask, pixels, jax.random.PRNGKey(0))
     kwargs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=NEW,
                   do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=NEW)
@@ -88,7 +88,8 @@ def test_sampled_logprobs_and_stopping(world):
     _, config, base = world
     ids, mask, pixels = _prompts(config, with_image=True)
     temperature = 0.7
-    sampling = SamplingConfig(max_new_tokens=12, temperature=temperature, eos_id=None, cache_dtype="float32")
+    sampling = SamplingConfig(max_new_tokens=12, temperature=temperature, top_p=1.0, top_k=0, eos_id=None,
+                              cache_dtype="float32")
     out = jax.jit(generate, static_argnums=(0, 7))(config, base, None, ids, mask, pixels, jax.random.PRNGKey(5),
                                                     sampling)
     tokens = np.asarray(out["tokens"])
@@ -102,7 +103,8 @@ def test_sampled_logprobs_and_stopping(world):
 
     # A stop token ends each sequence at its first occurrence; the loop exits early when all stop.
     stop_id = int(tokens[0, 3])
-    stopping = SamplingConfig(max_new_tokens=12, temperature=temperature, eos_id=stop_id, cache_dtype="float32")
+    stopping = SamplingConfig(max_new_tokens=12, temperature=temperature, top_p=1.0, top_k=0, eos_id=stop_id,
+                              cache_dtype="float32")
     out2 = generate(config, base, None, ids, mask, pixels, jax.random.PRNGKey(5), stopping)
     t2, m2 = np.asarray(out2["tokens"]), np.asarray(out2["mask"])
     first = int(np.argmax(t2[0] == stop_id))
@@ -116,12 +118,12 @@ def test_sampled_logprobs_and_stopping(world):
 def test_stop_sequence_and_adapter(world):
     _, config, base = world
     ids, mask, pixels = _prompts(config, with_image=False)
-    greedy = SamplingConfig(max_new_tokens=10, temperature=0.0, eos_id=None, cache_dtype="float32")
+    greedy = SamplingConfig.greedy(max_new_tokens=10, eos_id=None, cache_dtype="float32")
     plain = np.asarray(generate(config, base, None, ids, mask, None, jax.random.PRNGKey(0), greedy)["tokens"])
     seq = tuple(int(x) for x in plain[1, 2:4])
     stopped = generate(config, base, None, ids, mask, None, jax.random.PRNGKey(0),
-                       SamplingConfig(max_new_tokens=10, temperature=0.0, eos_id=None, cache_dtype="float32",
-                                      stop_sequences=(seq,)))
+                       SamplingConfig.greedy(max_new_tokens=10, eos_id=None, cache_dtype="float32",
+                                             stop_sequences=(seq,)))
     assert np.asarray(stopped["mask"])[1].sum() <= 4
     # A LoRA adapter changes what is sampled, and its merged weights sample the same tokens.
     adapter = lora.init_adapter(base, lora.LoraConfig(rank=4, alpha=8), jax.random.PRNGKey(1))
@@ -142,8 +144,8 @@ def test_unstacked_layers_decode_like_the_scanned_layers(world):
     adapter = lora.Adapter(jax.tree_util.tree_map(lambda x: x + 0.1, adapter.params), adapter.config)
     outs = []
     for unstack in (False, True):
-        sampling = SamplingConfig(max_new_tokens=10, temperature=0.7, eos_id=None, cache_dtype="float32",
-                                  unstack_layers=unstack)
+        sampling = SamplingConfig(max_new_tokens=10, temperature=0.7, top_p=1.0, top_k=0, eos_id=None,
+                                  cache_dtype="float32", unstack_layers=unstack)
         outs.append(generate(config, base, adapter, ids, mask, pixels, jax.random.PRNGKey(2), sampling))
     np.testing.assert_array_equal(np.asarray(outs[0]["tokens"]), np.asarray(outs[1]["tokens"]))
     np.testing.assert_allclose(np.asarray(outs[0]["logprobs"]), np.asarray(outs[1]["logprobs"]), rtol=1e-5, atol=1e-5)
@@ -173,7 +175,7 @@ def test_sampler_under_a_mesh_with_sharded_weights_and_cache(world):
 
     _, config, base = world
     ids, mask, pixels = _prompts(config, with_image=True, pads=(0, 1, 2, 3, 4, 0, 1, 2))
-    sampling = SamplingConfig(max_new_tokens=8, temperature=0.0, eos_id=None, cache_dtype="float32")
+    sampling = SamplingConfig.greedy(max_new_tokens=8, eos_id=None, cache_dtype="float32")
     single = np.asarray(generate_fn(config, sampling)(base, None, ids, mask, pixels, jax.random.PRNGKey(0))["tokens"])
     mesh = sharding.make_mesh((2, 2, 2))
     shards = sharding.param_shardings(config, base, mesh)
@@ -199,7 +201,8 @@ def test_the_image_placeholder_is_never_sampled(world):
     head = jnp.asarray(base["llm"]["lm_head"]["kernel"])
     pushed = {**base, "llm": {**base["llm"], "lm_head": {"kernel": head.at[:, index].add(5.0 * jnp.abs(head).max())}}}
     for temperature in (0.0, 1.0):
-        sampling = SamplingConfig(max_new_tokens=6, temperature=temperature, eos_id=None, cache_dtype="float32")
+        sampling = SamplingConfig(max_new_tokens=6, temperature=temperature, top_p=1.0, top_k=0, eos_id=None,
+                                  cache_dtype="float32")
         out = generate(config, pushed, None, ids, mask, pixels, jax.random.PRNGKey(2), sampling)
         tokens = np.asarray(out["tokens"])
         assert not (tokens == index).any()

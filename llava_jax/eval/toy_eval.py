@@ -48,8 +48,8 @@ def evaluate_model(name: str, config: Any, base: dict, adapter: Any, tokenizer: 
                    max_new_tokens: int = 32, batch_size: int = 64, *, mesh: Mesh) -> dict[str, float]:
     """One model's greedy answers to the held-out set, written under out_dir, and its scores;
     weights, prompts and KV cache sharded over `mesh`."""
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id,
-                              pad_id=tokenizer.pad_id, cache_dtype="float32")
+    sampling = SamplingConfig.greedy(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+                                     pad_id=tokenizer.pad_id, cache_dtype="float32")
     captions = load_captions(os.path.join(toy_dir, "captions.json"))
     images = os.path.join(toy_dir, "images")
     scores: dict[str, float] = {}

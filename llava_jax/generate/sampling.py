@@ -22,21 +22,30 @@ from llava_jax.models.llama import CACHE_AXES, init_cache, positions_from_mask, 
 from llava_jax.models.llava import LlavaConfig
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
-    max_new_tokens: int = 128
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0  # 1: off
-    top_k: int = 0  # 0: off
+    """How to sample. The fields a run's settings hold (`ppo.response_len`, `temperature`, `top_p`,
+    `top_k`, `cache_dtype`) have no defaults here: the PPO rollout's come from the settings tree
+    (`rl.setup.sampling_config`, the one place), every other caller states its own (greedy
+    decoding: `SamplingConfig.greedy`). Only what no settings field holds has a default."""
+    max_new_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float  # 1: off
+    top_k: int  # 0: off
+    cache_dtype: str
     eos_id: int | None = 2
     pad_id: int = 0
     stop_sequences: tuple[tuple[int, ...], ...] = ()  # token-id sequences that also end a response
-    cache_dtype: str = "bfloat16"
     # Decode with the layers' weights and KV cache split per layer once, before the loop (see
     # `Llama.hidden`): faster on XLA:CPU, at the cost of one copy of the layer weights (and
     # adapter) while sampling. None: on when the model config's `cpu_shapes` is and that copy
     # is at most UNSTACK_MAX_BYTES (CPU-sized models; a 7B keeps the scanned layers).
     unstack_layers: bool | None = None
+
+    @classmethod
+    def greedy(cls, *, max_new_tokens: int, cache_dtype: str, **rest: object) -> SamplingConfig:
+        """Greedy decoding (temperature 0: no top-p / top-k filtering to choose)."""
+        return cls(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, cache_dtype=cache_dtype, **rest)
 
 
 UNSTACK_MAX_BYTES = 2**30

@@ -35,25 +35,24 @@ from llava_jax.train.state import TrainState, accumulate, apply_gradients
 KL_ESTIMATORS = ("k1", "k1_unclamped", "k3")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PPOHyper:
-    clip: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 1.0
-    kl_estimator: str = "k1"
-    reward_scale: float = 10.0
-    whiten_rewards: bool = False
-    whiten_over_pads: bool = False
-    loss_over_pads: bool = False
+    """The update's hyper-parameters: the run's `ppo` settings of the same names (their
+    defaults, types and docs live in the settings tree, `llava_jax.settings.PPOSettings`, checked
+    there), built in one place, `rl.setup.ppo_hyper`; no defaults of their own."""
+    clip: float
+    value_clip: float
+    vf_coef: float
+    gamma: float
+    lam: float
+    kl_estimator: str
+    reward_scale: float
+    whiten_rewards: bool
+    whiten_over_pads: bool
+    loss_over_pads: bool
     exact_ratio: bool = False  # old log-probs and values from the update's own forward while the
     # trained params are still the rollout's (see ppo_loss_sums)
-    grad_accum: int = 1
-
-    def __post_init__(self):
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"ppo.kl_estimator={self.kl_estimator!r}: expected one of {KL_ESTIMATORS}")
+    grad_accum: int
 
 
 def masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:

@@ -30,10 +30,12 @@ from llava_jax.settings import PPOSettings, RunSettings
 
 
 def ppo_hyper(p: PPOSettings) -> ppo.PPOHyper:
+    """The PPO update's hyper-parameters, built here only: each PPOHyper field is the `ppo`
+    setting of its name (PPOHyper has no defaults); `exact_ratio` follows `ppo.old_logprobs`."""
     return ppo.PPOHyper(clip=p.clip, value_clip=p.value_clip, vf_coef=p.vf_coef, gamma=p.gamma, lam=p.lam,
                         kl_estimator=p.kl_estimator, reward_scale=p.reward_scale, whiten_rewards=p.whiten_rewards,
-                        whiten_over_pads=p.whiten_over_pads, loss_over_pads=p.loss_over_pads,
-                        exact_ratio=p.old_logprobs == "recompute", grad_accum=p.grad_accum)
+                        whiten_over_pads=p.whiten_over_pads, loss_over_pads=p.loss_over_pads, grad_accum=p.grad_accum,
+                        exact_ratio=p.recompute_old_logprobs)
 
 
 def ppo_optimizer(s: RunSettings, steps: int) -> tuple[Any, Any]:
@@ -46,8 +48,9 @@ def ppo_optimizer(s: RunSettings, steps: int) -> tuple[Any, Any]:
 
 
 def sampling_config(p: PPOSettings, eos_id: int, pad_id: int = 0) -> SamplingConfig:
+    """The rollout sampler's settings, built here only (SamplingConfig holds no defaults for them)."""
     return SamplingConfig(max_new_tokens=p.response_len, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                          eos_id=eos_id, pad_id=pad_id, cache_dtype=p.cache_dtype)
+                          cache_dtype=p.cache_dtype, eos_id=eos_id, pad_id=pad_id)
 
 
 def question_mark_ids(tokenizer: Any) -> tuple[int, ...]:
