@@ -16,7 +16,6 @@ jitted exactly as the trainers jit it.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
 import math
@@ -38,7 +37,8 @@ from llava_jax.train.metrics import transformer_train_flops
 from llava_jax.models.clip import ClipVisionConfig
 from llava_jax.models.llama import LlamaConfig
 from llava_jax.models.llava import LlavaConfig, init_params, tiny_config
-from llava_jax.settings import RunSettings, describe_cpu_shapes, resolve_cpu_shapes, unknown_field
+# apply_overrides (`--config.a.b=value` items onto a ConfigDict): the settings' one parser, re-exported.
+from llava_jax.settings import RunSettings, apply_overrides, describe_cpu_shapes, resolve_cpu_shapes  # noqa: F401
 from llava_jax.train.state import create_state
 
 # Per-device memory of named accelerators (HBM per chip; H100 SXM).
@@ -72,28 +72,6 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
     if len(parts) != 3:
         raise ValueError(f"--mesh {text!r}: expected data=D,fsdp=F,tensor=T or D,F,T")
     return tuple(int(p) for p in parts)
-
-
-def apply_overrides(cfg: Any, items: list[str]) -> None:
-    """`--config.a.b=value` items, as scripts/train.py accepts them (values parsed as Python
-    literals, true/false too; ConfigDict's type checks reject a wrong type)."""
-    for item in items:
-        m = re.fullmatch(r"--config\.([\w.]+)=(.*)", item)
-        if not m:
-            raise ValueError(f"unrecognised argument {item!r} (overrides look like --config.a.b=value)")
-        problem = unknown_field(m.group(1))
-        if problem:
-            raise ValueError(problem)
-        *parents, leaf = m.group(1).split(".")
-        parent = cfg
-        for key in parents:
-            parent = parent[key]
-        raw = m.group(2)
-        try:
-            value = ast.literal_eval({"true": "True", "false": "False"}.get(raw.lower(), raw))
-        except (ValueError, SyntaxError):
-            value = raw
-        parent[leaf] = value
 
 
 # ------------------------------------------------------------------------------ models
@@ -346,7 +324,7 @@ def build_rollout_score(ctx: Context) -> Step:
         size = spec.reward_config.vision.image_size
         arrays["reward_pixel_values"] = ((b, size, size, spec.reward_config.vision.num_channels), jnp.float32)
     frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, trees.frozen)
-    fn = jax.jit(functools.partial(score_responses, spec, s.ppo.old_logprobs != "recompute"),
+    fn = jax.jit(functools.partial(score_responses, spec, not s.ppo.recompute_old_logprobs),
                  in_shardings=(frozen_sh, None, None))
     args = (trees.frozen, trees.state.params, _batch(mesh, arrays))
     flops = 2 * step_flops(spec.policy_config, b, q + n, passes=1) + step_flops(spec.reward_config, b, r, passes=1)
