@@ -134,11 +134,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_to_device(batch: dict, mesh: Mesh) -> dict:
-    """Process-local host arrays -> global arrays sharded over (data, fsdp) on the batch axis
-    (each process gives its own rows; a "meta" entry, host-side records, is left out)."""
-    return {key: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), np.asarray(value))
-            for key, value in batch.items() if key != "meta"}
+def batch_to_device(batch: Any, mesh: Mesh) -> Any:
+    """Process-local host arrays (a dict or any pytree) -> global arrays sharded over (data,
+    fsdp) on the batch axis (each process gives its own rows; a dict's "meta" entry, host-side
+    records, is left out)."""
+    if isinstance(batch, dict):
+        batch = {key: value for key, value in batch.items() if key != "meta"}
+    return jax.tree_util.tree_map(
+        lambda value: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), np.asarray(value)),
+        batch)
 
 
 def local_rows(array: jax.Array) -> np.ndarray:

@@ -31,6 +31,7 @@ passively (see torch_wait_policy).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -183,10 +184,11 @@ def vs_hf_main(a: argparse.Namespace) -> bool:
     rollout = ours.rollout(prompts, 0, times)
     first_length = ours.last_length
     first_rows = orders(0)[0][:a.step_batch]
-    mine = {**{k: np.asarray(v) for k, v in rollout.items()}, **ours.grad_norms(rollout, first_rows)}
+    fields = {f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout)}
+    mine = {**{k: np.asarray(v) for k, v in fields.items() if v is not None}, **ours.grad_norms(rollout, first_rows)}
     first = ours.update(rollout, orders(0), a.step_batch, times)[0]
     mine.update(policy_loss=first["policy_loss"], value_loss=first["value_loss"], grad_norm=first["grad_norm"])
-    shared = {**{k: mine[k] for k in rollout}, **prompts}
+    shared = {**{k: mine[k] for k, v in fields.items() if v is not None}, **prompts}
     theirs = reference.scores_of(shared, reward_fn)
     theirs.update(reference.loss_and_grads({k: v[first_rows] for k, v in shared.items()}))
     reference.optimizer.zero_grad(set_to_none=True)

@@ -23,6 +23,7 @@ import numpy as np
 if TYPE_CHECKING:
     from llava_jax.models.lora import Adapter, LoraConfig
     from llava_jax.models.llava import LlavaConfig
+    from llava_jax.rl.batches import Rollout
 
 MODELS = {  # name: (layers, hidden, intermediate, heads, image size)
     "tiny": None,  # tiny_config()
@@ -198,34 +199,33 @@ class OursPPO:
         self._finish = jax.jit(functools.partial(rollout.finish_rollout, self.hyper, weights, response_len, EOS))
         self._step = jax.jit(functools.partial(ppo.ppo_step, spec, self.hyper, optimizer, self.schedule),
                              donate_argnums=(0,))
-        self.update_keys = rollout.UPDATE_KEYS
 
-    def rollout(self, prompts: dict, seed: int, times: dict) -> dict:
+    def rollout(self, prompts: dict, seed: int, times: dict) -> Rollout:
         """Sampled, scored rollout with advantages (device arrays)."""
+        from llava_jax.rl.batches import Prompts
+
         begin = time.perf_counter()
-        batch = {k: jnp.asarray(v) for k, v in prompts.items()}
+        batch = Prompts(**{k: jnp.asarray(v) for k, v in prompts.items()})
         params = self.state.params
-        generated = jax.block_until_ready(self._generate(self.frozen, params, batch, jax.random.PRNGKey(seed)))
+        out = jax.block_until_ready(self._generate(self.frozen, params, batch, jax.random.PRNGKey(seed)))
         times["sampling"] = time.perf_counter() - begin
         begin = time.perf_counter()
-        self.last_length = float(np.asarray(generated["response_mask"]).sum(1).mean())
-        host = {**prompts, "response": np.asarray(generated["response"]),
-                "response_mask": np.asarray(generated["response_mask"])}
+        self.last_length = float(np.asarray(out.response_mask).sum(1).mean())
+        host = {**prompts, "response": np.asarray(out.response), "response_mask": np.asarray(out.response_mask)}
         ids, mask = reward_inputs(host, self.rating_ids, self.multiple)
-        out = {**batch, **generated, "reward_ids": jnp.asarray(ids), "reward_mask": jnp.asarray(mask)}
-        out.update(self._score(self.frozen, params, out))
-        out.update(self._recompute(self.frozen, params, out))
-        out["correct"] = jnp.zeros(len(ids), jnp.float32)  # synthetic prompts: no multiple-choice answers
-        out = {k: v for k, v in out.items() if k not in ("pixel_values", "reward_ids", "reward_mask")}
+        # synthetic prompts: no multiple-choice answers
+        out = out.replace(correct=jnp.zeros(len(ids), jnp.float32))
+        out = self._score(self.frozen, params, out, jnp.asarray(ids), jnp.asarray(mask), None)
+        out = self._recompute(self.frozen, params, out)
         out, _ = jax.block_until_ready(self._finish(out, jnp.float32(self.kl_coef)))
         times["scoring"] = time.perf_counter() - begin
         return out
 
-    def update(self, rollout: dict, orders: list[np.ndarray], step_batch: int, times: dict) -> list[dict]:
+    def update(self, rollout: Rollout, orders: list[np.ndarray], step_batch: int, times: dict) -> list[dict]:
         from llava_jax.rl import setup as ppo_setup
 
         begin = time.perf_counter()
-        data = {k: v for k, v in rollout.items() if k in self.update_keys}
+        data = rollout.for_update()
         count = sum(-(-len(order) // step_batch) for order in orders)
         lrs = ppo_setup.update_learning_rates(self.schedule, self.updates, count)
         self.state, metrics = ppo_setup.minibatch_updates(self._step, self.state, self.frozen, data, orders,
@@ -235,7 +235,7 @@ class OursPPO:
         times["update"] = time.perf_counter() - begin
         return metrics
 
-    def grad_norms(self, rollout: dict, rows: np.ndarray) -> dict[str, float]:
+    def grad_norms(self, rollout: Rollout, rows: np.ndarray) -> dict[str, float]:
         """Each trained tree's gradient norm of the mean loss on rows `rows` (for the check)."""
         import optax
 
@@ -245,7 +245,7 @@ class OursPPO:
             total, aux = ppo.ppo_loss_sums(self.spec, self.hyper, params, self.frozen, minibatch, True)
             return total / jnp.maximum(aux["tokens"], 1.0)
 
-        minibatch = ppo_setup.take_rows({k: v for k, v in rollout.items() if k in self.update_keys}, rows)
+        minibatch = ppo_setup.take_rows(rollout.for_update(), rows)
         # as the first update sees them: the params still the rollout's
         grads = jax.jit(jax.grad(loss))(self.state.params, minibatch)
         return {f"{k}_grad_norm": float(optax.tree.norm(g)) for k, g in grads.items()}

@@ -244,3 +244,20 @@ def test_eval_formats(folder, tok):
     assert EvalDataset(bad, tok, **kw(folder)).report.skipped == {"bad_label": 1}
     with pytest.raises(ValueError, match="bad_label"):
         load_eval_questions(bad)
+
+
+@pytest.mark.parametrize("dataset", [SFTDataset, PreferenceDataset])
+def test_schema_batch_shapes_are_what_collate_yields(dataset):
+    """The compile check lays out its batches from Schema.batch_shapes, without data."""
+    from llava_jax.data.batching import collate
+
+    schema = dataset.batch_schema(0, (4, 4, 3))
+    if schema.pairs:
+        example = {"input_ids": (np.arange(3), np.arange(2)), "pixel_values": None, "choice": 1, "hallucination": 0}
+    else:
+        example = {"input_ids": np.arange(3), "labels": np.arange(3), "loss_mask": np.ones(3, np.int32),
+                   "pixel_values": np.zeros((4, 4, 3), np.float32)}
+    batch = collate([example, None], schema, [8])
+    shapes = schema.batch_shapes(2, 8)
+    assert set(batch) - {"meta"} == set(shapes)
+    assert {k: (v.shape, v.dtype) for k, v in batch.items() if k != "meta"} == shapes

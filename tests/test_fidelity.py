@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from llava_jax.rl import fact_reward, ppo, rollout, setup as ppo_setup
+from llava_jax.rl.batches import Rollout
 from llava_jax.settings import PPOSettings
 from llava_jax.data.templates import USER, Turn, encode_prompt, normalize_turns, render
 
@@ -95,31 +96,31 @@ def original_truncate(row: list[int], eos: int, pad: int, additional: list[int])
 # --- 1. advantages: the score on the last column, whitening over every position -----------
 
 def _rollout():
-    return {"response_mask": jnp.asarray(MASK), "logprobs": jnp.asarray(np.where(MASK, LOGP, 0.0)),
-            "ref_logprobs": jnp.asarray(REF), "values": jnp.asarray(VALUES), "score": jnp.asarray(SCORE),
-            "valid": jnp.ones(B, jnp.int32)}  # ref log-probs at pads are whatever the pass computed
+    return Rollout(response_mask=jnp.asarray(MASK), logprobs=jnp.asarray(np.where(MASK, LOGP, 0.0)),
+                   ref_logprobs=jnp.asarray(REF), values=jnp.asarray(VALUES), score=jnp.asarray(SCORE),
+                   valid=jnp.ones(B, jnp.int32))  # ref log-probs at pads are whatever the pass computed
 
 
 def test_advantages_over_pads_equal_the_original():
     hyper = _hyper(whiten_over_pads=True, loss_over_pads=True)
     out, _ = ppo.compute_advantages(hyper, _rollout(), jnp.float32(0.1))
     advantages, returns = original_advantages(LOGP, REF, VALUES, SCORE, MASK)
-    np.testing.assert_allclose(out["advantages"], advantages, atol=1e-5)
-    np.testing.assert_allclose(out["returns"], returns, atol=1e-4)
+    np.testing.assert_allclose(out.advantages, advantages, atol=1e-5)
+    np.testing.assert_allclose(out.returns, returns, atol=1e-4)
     pad = ~MASK
-    np.testing.assert_allclose(np.asarray(out["returns"])[pad], (10 * SCORE[:, None] + 0 * VALUES)[pad], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.returns)[pad], (10 * SCORE[:, None] + 0 * VALUES)[pad], atol=1e-4)
 
 
 def test_valid_token_layout_keeps_the_raw_returns_and_changes_only_the_statistics():
     ours, _ = ppo.compute_advantages(_hyper(whiten_over_pads=False, loss_over_pads=False), _rollout(), jnp.float32(0.1))
     original, _ = ppo.compute_advantages(_hyper(whiten_over_pads=True, loss_over_pads=False), _rollout(),
                                          jnp.float32(0.1))
-    np.testing.assert_allclose(np.asarray(ours["returns"])[MASK], np.asarray(original["returns"])[MASK], atol=1e-4)
-    raw = np.asarray(ours["returns"]) - VALUES
-    np.testing.assert_allclose(np.asarray(ours["advantages"])[MASK],
+    np.testing.assert_allclose(np.asarray(ours.returns)[MASK], np.asarray(original.returns)[MASK], atol=1e-4)
+    raw = np.asarray(ours.returns) - VALUES
+    np.testing.assert_allclose(np.asarray(ours.advantages)[MASK],
                                ((raw[MASK] - raw[MASK].mean()) / (raw[MASK].std() + 1e-8)), atol=1e-5)
-    assert not np.allclose(np.asarray(ours["advantages"])[MASK], np.asarray(original["advantages"])[MASK], atol=1e-2)
-    assert np.all(np.asarray(ours["advantages"])[~MASK] == 0)
+    assert not np.allclose(np.asarray(ours.advantages)[MASK], np.asarray(original.advantages)[MASK], atol=1e-2)
+    assert np.all(np.asarray(ours.advantages)[~MASK] == 0)
 
 
 # --- 2. losses: means over every position ------------------------------------------------
@@ -131,8 +132,8 @@ def test_losses_and_their_gradients_equal_the_original(over_pads):
     returns = rng.normal(0, 3, (B, N)).astype(np.float32)
     new_logp = (LOGP + rng.normal(0, 0.3, (B, N))).astype(np.float32)
     vpred = (VALUES + rng.normal(0, 0.5, (B, N))).astype(np.float32)
-    batch = {"response_mask": jnp.asarray(MASK), "logprobs": jnp.asarray(np.where(MASK, LOGP, 0.0)),
-             "advantages": jnp.asarray(advantages), "values": jnp.asarray(VALUES), "returns": jnp.asarray(returns)}
+    batch = Rollout(response_mask=jnp.asarray(MASK), logprobs=jnp.asarray(np.where(MASK, LOGP, 0.0)),
+                    advantages=jnp.asarray(advantages), values=jnp.asarray(VALUES), returns=jnp.asarray(returns))
     hyper = _hyper(whiten_over_pads=False, loss_over_pads=over_pads)
 
     def ours(logp, values):
@@ -178,15 +179,15 @@ def test_a_cut_response_has_lost_its_stop_and_its_tail():
     tokens = np.asarray(CUT_ROWS, np.int32)
     mask = np.asarray([original_truncate(row, EOS, PAD, [Q1, Q2]) for row in CUT_ROWS]) != PAD
     b, n = tokens.shape
-    batch = {"response": jnp.asarray(np.where(mask, tokens, PAD)), "response_mask": jnp.asarray(mask),
-             "logprobs": jnp.zeros((b, n)), "ref_logprobs": jnp.zeros((b, n)), "values": jnp.zeros((b, n)),
-             "rm_raw": jnp.zeros(b), "correct": jnp.zeros(b), "length_bonus": jnp.ones(b), "valid": jnp.ones(b)}
+    batch = Rollout(response=jnp.asarray(np.where(mask, tokens, PAD)), response_mask=jnp.asarray(mask),
+                    logprobs=jnp.zeros((b, n)), ref_logprobs=jnp.zeros((b, n)), values=jnp.zeros((b, n)),
+                    rm_raw=jnp.zeros(b), correct=jnp.zeros(b), length_bonus=jnp.ones(b), valid=jnp.ones(b))
     weights = fact_reward.RewardWeights(rm_weight=1.0, correct_bonus=2.0, length_bonus=-10.0, no_stop_penalty=-8.0)
     hyper = _hyper(whiten_over_pads=False, loss_over_pads=False)
     out, _ = rollout.finish_rollout(hyper, weights, n, EOS, batch, jnp.float32(0.1))
     stopped = np.asarray([EOS in original_truncate(r, EOS, PAD, [Q1, Q2]) for r in CUT_ROWS])
     length = mask.sum(1)
-    np.testing.assert_allclose(out["score"], -10.0 * length / n - 8.0 * (~stopped), atol=1e-5)
+    np.testing.assert_allclose(out.score, -10.0 * length / n - 8.0 * (~stopped), atol=1e-5)
     assert stopped.tolist() == [False, False, False, True, False, False]
 
 

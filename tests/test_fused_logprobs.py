@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from llava_jax.rl import roles
+from llava_jax.rl.batches import Rollout
 from llava_jax.train.losses import token_logprobs
 from llava_jax.models.lora import Adapter, forward
 
@@ -77,8 +78,8 @@ def _world(tied: bool):
     lengths = np.array([11, 7, 1, 4])
     mask = np.arange(n)[None] < lengths[:, None]
     response = np.where(mask, rng.randint(3, config.text.vocab_size - 1, size=(4, n)), 0).astype(np.int32)
-    batch = {"query_ids": jnp.asarray(prompts["query_ids"]), "query_mask": jnp.asarray(prompts["query_mask"]),
-             "response": jnp.asarray(response), "response_mask": jnp.asarray(mask)}
+    batch = Rollout(query_ids=jnp.asarray(prompts["query_ids"]), query_mask=jnp.asarray(prompts["query_mask"]),
+                    response=jnp.asarray(response), response_mask=jnp.asarray(mask))
     base = jax.tree_util.tree_map(jnp.asarray, base)
     features = roles.vision_features(config, base, jnp.asarray(prompts["pixel_values"]))
     policy = jax.tree_util.tree_map(jnp.asarray, adapters["policy"].params)
@@ -87,22 +88,22 @@ def _world(tied: bool):
 
 def _old_response_logprobs(spec, base, adapter_params, batch, features):
     adapter = Adapter(adapter_params, spec.policy_lora)
-    hidden = roles._response_hidden(spec.policy_config, base, adapter, batch["query_ids"], batch["query_mask"],
-                                    batch["response"], batch["response_mask"], features)
+    hidden = roles._response_hidden(spec.policy_config, base, adapter, batch.query_ids, batch.query_mask,
+                                    batch.response, batch.response_mask, features)
     logits = forward(spec.policy_config, base, adapter, hidden, method="logits")
-    return _full_formula(logits, batch["response"], spec.temperature)
+    return _full_formula(logits, batch.response, spec.temperature)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["head", "tied"])
 def test_response_logprobs_match_the_full_logits_on_a_padded_batch(tied, monkeypatch):
     monkeypatch.setattr(roles, "LOGPROB_CHUNK", 4)  # 3 chunks over N = 11, the last one padded
     spec, base, policy, batch, features = _world(tied)
-    weights = jnp.asarray(np.random.RandomState(3).randn(*batch["response"].shape), jnp.float32)
+    weights = jnp.asarray(np.random.RandomState(3).randn(*batch.response.shape), jnp.float32)
 
     def objective(fn):
         def f(adapter_params, base):
             logp, entropy = fn(spec, base, adapter_params, batch, features)
-            return jnp.sum(jnp.where(batch["response_mask"], weights * logp, 0.0)), (logp, entropy)
+            return jnp.sum(jnp.where(batch.response_mask, weights * logp, 0.0)), (logp, entropy)
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
 
     (_, (got_logp, got_entropy)), got_grads = objective(roles.response_logprobs)(policy, base)

@@ -5,6 +5,7 @@ import pytest
 
 import jax.numpy as jnp
 
+from llava_jax.rl.batches import Rollout
 from llava_jax.rl import fact_reward, ppo, setup as ppo_setup
 from llava_jax.settings import PPOSettings
 from llava_jax.data.templates import USER, Turn
@@ -101,15 +102,15 @@ def test_compute_advantages_end_to_end():
                    loss_over_pads=False)
     rollout = {"response_mask": MASK, "logprobs": LOGP, "ref_logprobs": REF, "values": VALUES, "score": SCORE,
                "valid": np.ones(B, np.int32)}
-    out, metrics = ppo.compute_advantages(hyper, {k: jnp.asarray(v) for k, v in rollout.items()}, jnp.float32(0.1))
+    out, metrics = ppo.compute_advantages(hyper, Rollout(**{k: jnp.asarray(v) for k, v in rollout.items()}), jnp.float32(0.1))
     kl = np.maximum(LOGP - REF, 0) * MASK
     shaped = -0.1 * kl
     for b in range(B):
         shaped[b, MASK[b].sum() - 1] += SCORE[b]
     adv, ret = np_gae(shaped * 10.0, VALUES, MASK, 1.0, 1.0)
-    np.testing.assert_allclose(out["rewards"], shaped * 10.0 * MASK, atol=1e-5)
-    np.testing.assert_allclose(out["returns"], ret, atol=1e-5)
-    np.testing.assert_allclose(out["advantages"], np_whiten(adv, MASK), atol=1e-5)
+    np.testing.assert_allclose(out.rewards, shaped * 10.0 * MASK, atol=1e-5)
+    np.testing.assert_allclose(out.returns, ret, atol=1e-5)
+    np.testing.assert_allclose(out.advantages, np_whiten(adv, MASK), atol=1e-5)
     np.testing.assert_allclose(metrics["kl"], kl.sum(1).mean(), atol=1e-6)
     np.testing.assert_allclose(metrics["kl_penalty"], -0.1 * kl.sum(1).mean(), atol=1e-6)
 
@@ -118,11 +119,11 @@ def test_whitened_rewards_replace_scaling():
     hyper = _hyper(whiten_rewards=True, whiten_over_pads=False, loss_over_pads=False)
     rollout = {"response_mask": MASK, "logprobs": LOGP, "ref_logprobs": REF, "values": VALUES, "score": SCORE,
                "valid": np.ones(B, np.int32)}
-    out, _ = ppo.compute_advantages(hyper, {k: jnp.asarray(v) for k, v in rollout.items()}, jnp.float32(0.1))
+    out, _ = ppo.compute_advantages(hyper, Rollout(**{k: jnp.asarray(v) for k, v in rollout.items()}), jnp.float32(0.1))
     shaped = -0.1 * np.maximum(LOGP - REF, 0) * MASK
     for b in range(B):
         shaped[b, MASK[b].sum() - 1] += SCORE[b]
-    np.testing.assert_allclose(out["rewards"], np_whiten(shaped, MASK, shift_mean=False), atol=1e-5)
+    np.testing.assert_allclose(out.rewards, np_whiten(shaped, MASK, shift_mean=False), atol=1e-5)
 
 
 @pytest.mark.parametrize("response,caption_type,expected", [

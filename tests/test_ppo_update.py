@@ -21,7 +21,7 @@ def world():
     ours = OursPPO(config, base, adapters, head_of, response_len=8, dtype="float32",
                    rating_ids=np.arange(3, 51, dtype=np.int32), cut_ids=tuple(range(3, 103)))
     rollout = ours.rollout(make_prompts(config, 4, 16), 0, {})
-    return ours, {k: v for k, v in rollout.items() if k in ours.update_keys}
+    return ours, rollout.for_update()
 
 
 def _sums(ours, hyper, batch, params_unchanged):
@@ -31,9 +31,9 @@ def _sums(ours, hyper, batch, params_unchanged):
 
 def test_unchanged_params_read_their_own_forward(world):
     ours, batch = world
-    mask = batch["response_mask"].astype(bool)
+    mask = batch.response_mask.astype(bool)
     # Old log-probs and values off by more than the clip ranges: any use of them shows.
-    noisy = {**batch, "logprobs": jnp.where(mask, batch["logprobs"] - 0.5, 0.0), "values": batch["values"] + 0.5}
+    noisy = batch.replace(logprobs=jnp.where(mask, batch.logprobs - 0.5, 0.0), values=batch.values + 0.5)
     same = _sums(ours, ours.hyper, noisy, True)
     assert float(same["approx_kl"]) == 0.0 and float(same["policy_clipfrac"]) == 0.0
     assert float(same["value_clipfrac"]) == 0.0
@@ -65,7 +65,7 @@ def test_the_loop_says_unchanged_while_every_earlier_update_ran_at_lr_zero():
 
 def test_first_update_has_ratio_one_and_later_ones_do_not(world):
     ours, batch = world
-    rows = batch["advantages"].shape[0]
+    rows = batch.advantages.shape[0]
     metrics = ours.update(batch, [np.arange(rows), np.arange(rows)[::-1]], rows // 2, {})
     assert metrics[0]["approx_kl"] == 0.0 and metrics[0]["policy_clipfrac"] == 0.0
     assert all(m["approx_kl"] > 0.0 for m in metrics[1:])  # lr 3e-5: every later update sees moved params

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from llava_jax import sharding
 from llava_jax.rl import setup as ppo_setup
+from llava_jax.rl.batches import Prompts, Rollout
 from llava_jax.train import setup as run_setup
 from llava_jax.models import trainable
 from llava_jax.aot.report import Step, StepReport, compile_step, device_bytes
@@ -168,16 +169,14 @@ def _batch(mesh: Mesh, arrays: dict[str, tuple[tuple[int, ...], Any]]) -> dict:
 
 
 def train_batch(s: RunSettings, config: LlavaConfig, mesh: Mesh) -> dict:
-    """The largest batch the loader yields: global train.batch_size x data.max_length (the
-    step splits it into train.grad_accum micro-batches itself)."""
-    b, t, size = s.train.batch_size, s.data.max_length, config.vision.image_size
-    pixels = ((b, size, size, config.vision.num_channels), jnp.float32)
-    if s.stage == "rm":  # pairs: [B, 2, T], one image per pair
-        return _batch(mesh, {"input_ids": ((b, 2, t), jnp.int32), "attention_mask": ((b, 2, t), jnp.int32),
-                             "pixel_values": pixels, "choice": ((b,), jnp.int32), "hallucination": ((b,), jnp.int32),
-                             "valid": ((b,), jnp.int32)})
-    seq = {k: ((b, t), jnp.int32) for k in ("input_ids", "labels", "loss_mask", "attention_mask")}
-    return _batch(mesh, {**seq, "pixel_values": pixels, "valid": ((b,), jnp.int32)})
+    """The largest batch the loader yields (its dataset's Schema): global train.batch_size x
+    data.max_length (the step splits it into train.grad_accum micro-batches itself)."""
+    from llava_jax.data.datasets import PreferenceDataset, SFTDataset
+
+    dataset = PreferenceDataset if s.stage == "rm" else SFTDataset
+    size = config.vision.image_size
+    schema = dataset.batch_schema(0, (size, size, config.vision.num_channels))
+    return _batch(mesh, schema.batch_shapes(s.train.batch_size, s.data.max_length))
 
 
 def build_train_step(ctx: Context) -> Step:
@@ -252,34 +251,38 @@ def ppo_trees(ctx: Context) -> PPOTrees:
 
 
 def build_rollout(ctx: Context) -> Step:
-    """The policy's rollout: `sampling.generate` (prefill + the lax.while_loop decode over the
-    KV cache) compiled as ONE executable, as it runs; ppo.rollout_chunk prompts of
-    max_query_tokens - 1 + image tokens, response_len new tokens."""
-    from llava_jax.models import lora as lora_lib
-    from llava_jax.generate.sampling import generate
+    """The policy's rollout pass as the PPO loop jits it (rollout.jit_generate: the policy tower
+    once, `sampling.generate`'s prefill and lax.while_loop decode over the KV cache, the '?'
+    cut) compiled as ONE executable; ppo.rollout_chunk prompts of max_query_tokens - 1 + image
+    tokens, response_len new tokens."""
+    from llava_jax.rl.rollout import jit_generate
 
     s, config, mesh = ctx.s, ctx.config, ctx.mesh
     trees = ppo_trees(ctx)
-    base, adapter = trees.frozen["policy_base"], trees.state.params["policy"]
-    lcfg = trees.spec.policy_lora
     b = ctx.chunk
     prompt = s.ppo.max_query_tokens - 1 + config.num_image_tokens  # the image counts as one query token
     sampling = ppo_setup.sampling_config(s.ppo, config.text.eos_token_id)
     size = config.vision.image_size
-    batch = _batch(mesh, {"input_ids": ((b, prompt), jnp.int32), "attention_mask": ((b, prompt), jnp.int32),
-                          "pixel_values": ((b, size, size, config.vision.num_channels), jnp.float32)})
+    arrays = {"query_ids": ((b, prompt), jnp.int32), "query_mask": ((b, prompt), jnp.int32),
+              "pixel_values": ((b, size, size, config.vision.num_channels), jnp.float32),
+              "length_bonus": ((b,), jnp.float32), "valid": ((b,), jnp.int32)}
+    if ctx.reward_config is not None:  # the value base's view of the query (another tower's image layout)
+        qv = prompt - config.num_image_tokens + ctx.reward_config.num_image_tokens
+        arrays.update(value_query_ids=((b, qv), jnp.int32), value_query_mask=((b, qv), jnp.int32))
+    prompts = Prompts(**_batch(mesh, arrays))
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
-
-    def run(base, adapter_params, input_ids, attention_mask, pixel_values, rng):
-        return generate(config, base, lora_lib.Adapter(adapter_params, lcfg), input_ids, attention_mask,
-                        pixel_values, rng, sampling)
-
-    args = (base, adapter, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], rng)
-    fn = jax.jit(run, in_shardings=jax.tree_util.tree_map(lambda x: x.sharding, args))
+    frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, trees.frozen)
+    fn = jit_generate(trees.spec, sampling, QUESTION_MARK_IDS if s.ppo.cut_at_question_mark else (), frozen_sh)
+    args = (trees.frozen, trees.state.params, prompts, rng)
     note = f"generate: {b} prompts x {prompt} + {s.ppo.response_len} new tokens, {s.ppo.cache_dtype} KV cache"
     params, opt = trees.resident
-    return Step("rollout_generate", fn, args, params=params, opt=opt, state_in_args=device_bytes((base, adapter)),
+    return Step("rollout_generate", fn, args, params=params, opt=opt,
+                state_in_args=device_bytes((trees.frozen, trees.state.params)),
                 note=note, model_flops=step_flops(config, b, prompt + s.ppo.response_len, passes=1))
+
+
+# The original's '?' cut tokens for LLaMA's tokenizer (rl.setup.question_mark_ids finds a run's own).
+QUESTION_MARK_IDS = (1577, 29973)
 
 
 # The rating text the reward model reads after query and response (prompt + captions), in
@@ -309,24 +312,26 @@ def build_rollout_score(ctx: Context) -> Step:
     """The rollout's scoring pass as rollout.Rollouts jits it: reference log-probs, values and
     the reward model over `ppo.rollout_chunk` rollouts (the RM reads query + response + the
     rating text, RATING_TOKENS long, padded as the PPO loop pads it)."""
-    from llava_jax.rl.rollout import score_responses
+    from llava_jax.rl.rollout import jit_score
 
     s, mesh = ctx.s, ctx.mesh
     trees = ppo_trees(ctx)
     spec = trees.spec
     b = ctx.chunk
     arrays, q, n = _rollout_arrays(ctx, b)
+    arrays.pop("reward_features", None)  # the scoring pass computes them (the reward tower's pixels)
     multiple = s.ppo.reward_pad_multiple
     r = -(-(q - spec.policy_config.num_image_tokens + spec.reward_config.num_image_tokens + n + RATING_TOKENS)
           // multiple) * multiple
-    arrays.update(reward_ids=((b, r), jnp.int32), reward_mask=((b, r), jnp.int32))
+    reward = _batch(mesh, {"reward_ids": ((b, r), jnp.int32), "reward_mask": ((b, r), jnp.int32)})
+    pixels = None
     if not spec.shared_base:
         size = spec.reward_config.vision.image_size
-        arrays["reward_pixel_values"] = ((b, size, size, spec.reward_config.vision.num_channels), jnp.float32)
+        pixels = _batch(mesh, {"p": ((b, size, size, spec.reward_config.vision.num_channels), jnp.float32)})["p"]
     frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, trees.frozen)
-    fn = jax.jit(functools.partial(score_responses, spec, not s.ppo.recompute_old_logprobs),
-                 in_shardings=(frozen_sh, None, None))
-    args = (trees.frozen, trees.state.params, _batch(mesh, arrays))
+    fn = jit_score(spec, not s.ppo.recompute_old_logprobs, frozen_sh)
+    args = (trees.frozen, trees.state.params, Rollout(**_batch(mesh, arrays)), reward["reward_ids"],
+            reward["reward_mask"], pixels)
     flops = 2 * step_flops(spec.policy_config, b, q + n, passes=1) + step_flops(spec.reward_config, b, r, passes=1)
     params, opt = trees.resident
     return Step("rollout_score", fn, args, params=params, opt=opt,
@@ -346,12 +351,13 @@ def build_ppo_step(ctx: Context) -> Step:
     rows = s.ppo.step_batch
     arrays, q, n = _rollout_arrays(ctx, rows)
     arrays.update({k: ((rows, n), jnp.float32) for k in ("logprobs", "values", "advantages", "returns")})
+
     note = f"minibatch {rows} rollouts x ({q} + {n}) tokens, grad_accum {s.ppo.grad_accum}"
     spec = trees.spec
     flops = step_flops(spec.policy_config, rows, q + n) + step_flops(spec.reward_config, rows, q + n)
     params, opt = trees.resident
     unchanged = jax.ShapeDtypeStruct((), jnp.bool_)
-    return Step("ppo_step", fn, (trees.state, trees.frozen, _batch(mesh, arrays), unchanged),
+    return Step("ppo_step", fn, (trees.state, trees.frozen, Rollout(**_batch(mesh, arrays)), unchanged),
                 params=params, opt=opt,
                 state_in_args=device_bytes((trees.state.params, trees.frozen, trees.state.opt_state)), note=note,
                 model_flops=flops)

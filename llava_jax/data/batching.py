@@ -31,6 +31,16 @@ class Schema:
     scalars: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     pairs: bool = False
 
+    def batch_shapes(self, batch_size: int, length: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """(shape, dtype) of each array `collate` yields for `batch_size` examples in the
+        `length` bucket (`meta` left out): what a compile check lays out without data."""
+        seq = (batch_size, 2, length) if self.pairs else (batch_size, length)
+        out: dict[str, tuple[tuple[int, ...], Any]] = {name: (seq, np.int32) for name in (*self.sequences, *self.masks)}
+        out.update({name: ((batch_size, *shape), np.float32) for name, shape in self.images.items()})
+        out.update({name: ((batch_size,), np.dtype(dtype)) for name, dtype in self.scalars.items()})
+        out["valid"] = ((batch_size,), np.int32)
+        return out
+
 
 def default_buckets(max_length: int, count: int = 3, multiple: int = 8) -> tuple[int, ...]:
     """`count` lengths up to `max_length`, halving each time, rounded up to `multiple`."""

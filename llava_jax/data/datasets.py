@@ -143,9 +143,12 @@ class SFTDataset(RecordDataset):
 
     def __init__(self, path: str, tokenizer: TextTokenizer, **kwargs):
         super().__init__(path, tokenizer, **kwargs)
-        self.schema = Schema(sequences={"input_ids": tokenizer.pad_id, "labels": IGNORE_INDEX, "loss_mask": 0},
-                             masks={"attention_mask": "input_ids"},
-                             images={"pixel_values": self.image_processor.shape})
+        self.schema = self.batch_schema(tokenizer.pad_id, self.image_processor.shape)
+
+    @staticmethod
+    def batch_schema(pad_id: int, image_shape: tuple[int, int, int]) -> Schema:
+        return Schema(sequences={"input_ids": pad_id, "labels": IGNORE_INDEX, "loss_mask": 0},
+                      masks={"attention_mask": "input_ids"}, images={"pixel_values": image_shape})
 
     def _parse(self, index, record):
         if not check_record(record, self.report, index, {"conversations": list}):
@@ -180,9 +183,13 @@ class PreferenceDataset(RecordDataset):
                  encode_fn: EncodeFn | None = None, seed: int = 0, **kwargs):
         self.captions, self.encode_fn, self.seed = captions, encode_fn, seed
         super().__init__(path, tokenizer, **kwargs)
-        self.schema = Schema(sequences={"input_ids": tokenizer.pad_id}, masks={"attention_mask": "input_ids"},
-                             images={"pixel_values": self.image_processor.shape},
-                             scalars={"choice": np.int32, "hallucination": np.int32}, pairs=True)
+        self.schema = self.batch_schema(tokenizer.pad_id, self.image_processor.shape)
+
+    @staticmethod
+    def batch_schema(pad_id: int, image_shape: tuple[int, int, int]) -> Schema:
+        return Schema(sequences={"input_ids": pad_id}, masks={"attention_mask": "input_ids"},
+                      images={"pixel_values": image_shape}, scalars={"choice": np.int32, "hallucination": np.int32},
+                      pairs=True)
 
     def _parse(self, index, record):
         if not check_record(record, self.report, index, {"conversations": list, "output_1": dict, "output_2": dict}):

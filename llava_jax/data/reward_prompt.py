@@ -3,7 +3,7 @@ text that asks to judge it against four criteria (with the image's captions insi
 "accurate" criterion when facts are on) and ends with the score phrase; the reward is read
 at the phrase's last token.
 
-The wording and its layout are a file (`llava_jax/prompts/fact_rlhf_reward.txt` by
+The wording and its layout are a file (`llava_jax/data/prompts/fact_rlhf_reward.txt` by
 default), so users of released reward adapters can write the exact input those were trained
 on. Sections, each `[name]` on its own line; a section's text is kept verbatim (spaces
 included) except the newlines around it:

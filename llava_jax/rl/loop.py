@@ -67,7 +67,7 @@ def run_ppo(s: RunSettings) -> dict:
     optimizer, schedule = ppo_setup.ppo_optimizer(s, steps)
     hyper = ppo_setup.ppo_hyper(p)
     weights = fact_reward.RewardWeights.from_settings(p)
-    rcfg = RolloutConfig(ppo_setup.sampling_config(p, tokenizer.eos_id, tokenizer.pad_id), weights,
+    rcfg = RolloutConfig(sampling=ppo_setup.sampling_config(p, tokenizer.eos_id, tokenizer.pad_id), weights=weights,
                          with_facts=p.with_facts, template=s.data.template, pad_multiple=p.reward_pad_multiple,
                          seed=s.seed, cut_ids=ppo_setup.question_mark_ids(tokenizer) if p.cut_at_question_mark else (),
                          recompute_logprobs=p.recompute_old_logprobs)

@@ -24,12 +24,14 @@ layouts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from llava_jax.rl import roles
+from llava_jax.rl.batches import Rollout
 from llava_jax.train.state import TrainState, accumulate, apply_gradients
 
 KL_ESTIMATORS = ("k1", "k1_unclamped", "k3")
@@ -123,34 +125,34 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, la
     return advantages, (advantages + values) * maskf
 
 
-def compute_advantages(hyper: PPOHyper, rollout: dict, kl_coef: jax.Array) -> tuple[dict, dict]:
-    """Rewards, advantages and returns of a scored rollout batch (the GLOBAL batch: the
-    whitening statistics span every device and host), plus the rollout metrics."""
-    mask = rollout["response_mask"].astype(bool)
-    kl = jnp.where(mask, kl_estimate(rollout["logprobs"], rollout["ref_logprobs"], hyper.kl_estimator), 0.0)
+def compute_advantages(hyper: PPOHyper, rollout: Rollout, kl_coef: jax.Array) -> tuple[Rollout, dict]:
+    """The scored rollout batch (the GLOBAL batch: the whitening statistics span every device
+    and host) with its rewards, advantages and returns, plus the rollout metrics."""
+    mask = rollout.response_mask.astype(bool)
+    kl = jnp.where(mask, kl_estimate(rollout.logprobs, rollout.ref_logprobs, hyper.kl_estimator), 0.0)
     pads_are_steps = hyper.whiten_over_pads or hyper.loss_over_pads
     # The original adds the score at the tensor's last position and runs GAE over every one.
     steps = jnp.ones_like(mask) if pads_are_steps else mask
-    shaped = shape_rewards(kl, rollout["score"], steps, kl_coef)
+    shaped = shape_rewards(kl, rollout.score, steps, kl_coef)
     rewards = whiten(shaped, steps, shift_mean=False) if hyper.whiten_rewards else shaped * hyper.reward_scale
-    advantages, returns = gae(rewards, rollout["values"], steps, hyper.gamma, hyper.lam)
-    rows = rollout["valid"].astype(bool)
-    row_mean = lambda x: jnp.sum(jnp.where(rows, x, 0.0)) / jnp.maximum(jnp.sum(rows), 1)  # noqa: E731
-    explained = 1.0 - masked_var(returns - rollout["values"], mask) / (masked_var(returns, mask) + 1e-8)
+    advantages, returns = gae(rewards, rollout.values, steps, hyper.gamma, hyper.lam)
+    rows = rollout.valid.astype(bool)
+    row_mean = functools.partial(masked_mean, mask=rows)  # over the batch's real (not padding) rows
+    explained = 1.0 - masked_var(returns - rollout.values, mask) / (masked_var(returns, mask) + 1e-8)
     metrics = {
         "kl": row_mean(jnp.sum(kl, axis=-1)),  # per sequence
         "kl_per_token": masked_mean(kl, mask),
         "kl_penalty": row_mean(-kl_coef * jnp.sum(kl, axis=-1)),
         "kl_coef": kl_coef,
-        "score_total": row_mean(rollout["score"]),
+        "score_total": row_mean(rollout.score),
         "shaped_reward_sum": row_mean(jnp.sum(shaped, axis=-1)),
         "return_mean": masked_mean(returns, mask),
-        "value_mean": masked_mean(rollout["values"], mask),
+        "value_mean": masked_mean(rollout.values, mask),
         "value_explained_variance": explained,
         "advantage_mean_raw": masked_mean(advantages, mask),
     }
     stats = jnp.ones_like(mask) if hyper.whiten_over_pads else mask
-    out = {"advantages": whiten(advantages, stats, shift_mean=True), "returns": returns, "rewards": rewards}
+    out = rollout.replace(advantages=whiten(advantages, stats, shift_mean=True), returns=returns, rewards=rewards)
     return out, metrics
 
 
@@ -174,17 +176,17 @@ def value_loss_terms(values: jax.Array, old_values: jax.Array, returns: jax.Arra
 
 
 def objective_sums(hyper: PPOHyper, logp: jax.Array, entropy: jax.Array, values: jax.Array,
-                   batch: dict) -> tuple[jax.Array, dict]:
+                   batch: Rollout) -> tuple[jax.Array, dict]:
     """Sum over the loss positions (valid tokens, or every position with `loss_over_pads`)
     of (policy loss + vf_coef x value loss), and metric sums; `logp`, `entropy`, `values` are
     the current policy's and value's [B, N]."""
-    valid = batch["response_mask"].astype(bool)
-    old_logp = batch["logprobs"]
+    valid = batch.response_mask.astype(bool)
+    old_logp = batch.logprobs
     if hyper.loss_over_pads:  # a pad's log-prob is 0 under both policies (the original's ignore_index)
         logp, old_logp = jnp.where(valid, logp, 0.0), jnp.where(valid, old_logp, 0.0)
     positions = jnp.ones_like(valid) if hyper.loss_over_pads else valid
-    pg, pg_clipped, approx_kl = policy_loss_terms(logp, old_logp, batch["advantages"], hyper.clip)
-    vf, vf_clipped = value_loss_terms(values, batch["values"], batch["returns"], hyper.value_clip)
+    pg, pg_clipped, approx_kl = policy_loss_terms(logp, old_logp, batch.advantages, hyper.clip)
+    vf, vf_clipped = value_loss_terms(values, batch.values, batch.returns, hyper.value_clip)
     pg_sum, vf_sum = masked_sum(pg, positions), masked_sum(vf, positions)
     aux = {"policy_loss": pg_sum, "value_loss": vf_sum, "policy_clipfrac": masked_sum(pg_clipped, positions),
            "value_clipfrac": masked_sum(vf_clipped, positions), "approx_kl": masked_sum(approx_kl, positions),
@@ -192,19 +194,19 @@ def objective_sums(hyper: PPOHyper, logp: jax.Array, entropy: jax.Array, values:
     return pg_sum + hyper.vf_coef * vf_sum, aux
 
 
-def policy_value_outputs(spec: roles.PPOSpec, params: dict, frozen: dict, batch: dict
+def policy_value_outputs(spec: roles.PPOSpec, params: dict, frozen: dict, batch: Rollout
                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The trained roles on rollouts: the policy's log-probs and entropies and the value's
     estimates [B, N]. The update's forward, and (ppo.old_logprobs = "recompute") the
     teacher-forced pass that gives a rollout its old log-probs and values."""
     logp, entropy = roles.response_logprobs(spec, frozen["policy_base"], params["policy"], batch,
-                                            batch["policy_features"])
+                                            batch.policy_features)
     values = roles.response_values(spec, roles.reward_base(spec, frozen), params["value"], params["value_head"],
-                                   batch, batch.get("reward_features", batch["policy_features"]))
+                                   batch, batch.value_features)
     return logp, entropy, values
 
 
-def ppo_loss_sums(spec: roles.PPOSpec, hyper: PPOHyper, params: dict, frozen: dict, batch: dict,
+def ppo_loss_sums(spec: roles.PPOSpec, hyper: PPOHyper, params: dict, frozen: dict, batch: Rollout,
                   params_unchanged: jax.Array | bool) -> tuple[jax.Array, dict]:
     """`objective_sums` of a minibatch under the current policy and value.
 
@@ -218,13 +220,13 @@ def ppo_loss_sums(spec: roles.PPOSpec, hyper: PPOHyper, params: dict, frozen: di
     logp, entropy, values = policy_value_outputs(spec, params, frozen, batch)
     if hyper.exact_ratio:
         own = jnp.asarray(params_unchanged, bool)
-        batch = {**batch, "logprobs": jnp.where(own, jax.lax.stop_gradient(logp), batch["logprobs"]),
-                 "values": jnp.where(own, jax.lax.stop_gradient(values), batch["values"])}
+        batch = batch.replace(logprobs=jnp.where(own, jax.lax.stop_gradient(logp), batch.logprobs),
+                              values=jnp.where(own, jax.lax.stop_gradient(values), batch.values))
     return objective_sums(hyper, logp, entropy, values, batch)
 
 
 def ppo_step(spec: roles.PPOSpec, hyper: PPOHyper, optimizer: optax.GradientTransformation,
-             schedule: optax.Schedule, state: TrainState, frozen: dict, batch: dict,
+             schedule: optax.Schedule, state: TrainState, frozen: dict, batch: Rollout,
              params_unchanged: jax.Array | bool) -> tuple[TrainState, dict]:
     """One optimiser step on a minibatch of rollouts (grad_accum micro-batches);
     `params_unchanged`: see ppo_loss_sums."""

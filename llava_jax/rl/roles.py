@@ -21,6 +21,7 @@ from llava_jax.models import heads
 from llava_jax.models.lora import Adapter, LoraConfig, forward
 from llava_jax.train.losses import token_logprobs
 from llava_jax.models.llava import LlavaConfig
+from llava_jax.rl.batches import Rollout
 
 # Response positions per LM-head call in `response_logprobs`: at the 13B recipe's 896 positions
 # and 32000 words, 7 chunks whose float32 logits are 1/7 of the whole.
@@ -60,7 +61,7 @@ def _response_hidden(config: LlavaConfig, base: dict, adapter: Adapter, query_id
     return hidden[:, q - 1:q + n - 1]
 
 
-def response_logprobs(spec: PPOSpec, base: dict, adapter_params: dict, batch: dict,
+def response_logprobs(spec: PPOSpec, base: dict, adapter_params: dict, batch: Rollout,
                       features: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(log-probs of the response tokens [B, N], entropy of each step's distribution [B, N])
     under log_softmax(logits / temperature), for the policy or the reference policy.
@@ -68,21 +69,20 @@ def response_logprobs(spec: PPOSpec, base: dict, adapter_params: dict, batch: di
     The head runs over LOGPROB_CHUNK positions at a time (losses.token_logprobs), so the
     [B, N, vocab] float32 logits are never whole; the entropy is a metric (no gradient)."""
     adapter = Adapter(adapter_params, spec.policy_lora)
-    hidden = _response_hidden(spec.policy_config, base, adapter, batch["query_ids"], batch["query_mask"],
-                              batch["response"], batch["response_mask"], features)
+    hidden = _response_hidden(spec.policy_config, base, adapter, batch.query_ids, batch.query_mask, batch.response,
+                              batch.response_mask, features)
     head = lambda h: forward(spec.policy_config, base, adapter, h, method="logits")  # noqa: E731
-    return token_logprobs(head, hidden, batch["response"], temperature=spec.temperature, chunk=LOGPROB_CHUNK)
+    return token_logprobs(head, hidden, batch.response, temperature=spec.temperature, chunk=LOGPROB_CHUNK)
 
 
-def response_values(spec: PPOSpec, base: dict, adapter_params: dict, head: dict, batch: dict,
+def response_values(spec: PPOSpec, base: dict, adapter_params: dict, head: dict, batch: Rollout,
                     features: jax.Array) -> jax.Array:
     """Value of the state before each response token [B, N] (value adapter + value head).
     The value base reads the query in its own image layout (`value_query_*` when its tower
     has another patch count)."""
-    query_ids = batch.get("value_query_ids", batch["query_ids"])
-    query_mask = batch.get("value_query_mask", batch["query_mask"])
+    query_ids, query_mask = batch.value_query
     hidden = _response_hidden(spec.reward_config, base, Adapter(adapter_params, spec.value_lora), query_ids,
-                              query_mask, batch["response"], batch["response_mask"], features)
+                              query_mask, batch.response, batch.response_mask, features)
     return heads.token_values(head, hidden)
 
 
