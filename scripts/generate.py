@@ -2,13 +2,15 @@
 """Answers for an eval question file (LLaVA model_vqa, POPE or MMHal-Bench), batched.
 
   python scripts/generate.py --ckpt CKPT [--adapter policy] --tokenizer DIR --questions FILE \\
-      --image-folder DIR --format vqa|pope|mmhal --out FILE [--protocol llava-rlhf] \\
+      --image-folder DIR --format vqa|pope|mmhal --out FILE [--protocol llava-rlhf|llava-rlhf-newline] \\
       [--template vicuna_v1] [--temperature 0] [--top-p 1] [--max-new-tokens 128] [--question-suffix TEXT]
 
 `--protocol llava-rlhf` prompts and decodes exactly as LLaVA-RLHF's published evaluation
-(llava_v1 template; POPE: "\\nAnswer the question using a single word or phrase." after each
-question, temperature 0.2, 64 new tokens; LLaVA-Bench (vqa): temperature 0.2, 1024 tokens;
-MMHal-Bench: greedy, 1024 tokens), so the numbers compare with the paper's tables; flags
+(llava_v1 template; POPE: '\\nAnswer the question using a single word or phrase.' after each
+question, a backslash and an "n" as its eval_pope.sh passed it, temperature 0.2, 64 new tokens;
+LLaVA-Bench (vqa): temperature 0.2, 1024 tokens; MMHal-Bench: greedy, 1024 tokens), so the
+numbers compare with the paper's tables; `--protocol llava-rlhf-newline` is the same with a
+real newline before POPE's "Answer" (model_vqa.py's default, LLaVA's own prompts); flags
 given explicitly still win. The default protocol: vicuna_v1, greedy, 128 tokens, no suffix.
 Temperature 0 is greedy. Weights, prompts and KV cache are sharded over a mesh of every local
 device (`--mesh`). Answers are appended as they come; a rerun skips questions already
@@ -119,6 +121,8 @@ def report_pope(questions_path: str, answers: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
+    from llava_jax.data.eval_data import PROTOCOLS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="converted checkpoint (tools/convert_hf.py import)")
     p.add_argument("--adapter", help="adapter name inside the checkpoint (e.g. policy), or an adapter directory "
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--image-folder", default="")
     p.add_argument("--format", choices=("vqa", "pope", "mmhal"), required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--protocol", default="default", choices=("default", "llava-rlhf"),
+    p.add_argument("--protocol", default="default", choices=tuple(PROTOCOLS),
                    help="template, question suffix, temperature and length of a published evaluation")
     p.add_argument("--temperature", type=float, help="(protocol's) 0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -153,7 +157,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     from llava_jax import sharding
     from llava_jax.generate.answer import answer_batches, load_answering_model
     from llava_jax.data import EvalDataset, load_tokenizer, make_answer, vision_kwargs
-    from llava_jax.data.eval_data import PROTOCOLS
     from llava_jax.files import ConversionError
     from llava_jax.generate.sampling import SamplingConfig
     from llava_jax.settings import cpu_shapes_on

@@ -1,7 +1,7 @@
 """Where we follow or leave the original LLaVA-RLHF, against references written from its code
 (RLHF/models/ppo_trainer.py, rl_trainer.py, rl_models.py, data_utils/common_utils.py; LLaVA's
-conversation.py and train.py; Eval/model_vqa.py): one test per row of the README's table of
-differences, on padded batches with and without EOS. The references are ports of the
+conversation.py and train.py; Eval/model_vqa.py, Eval/eval_scripts/eval_pope.sh): one test per
+row of docs/ppo.md's tables of differences, on padded batches with and without EOS. The references are ports of the
 original's semantics in PyTorch / plain Python, not our code."""
 
 import jax
@@ -13,7 +13,7 @@ import torch
 from llava_jax.rl import fact_reward, ppo, rollout, setup as ppo_setup
 from llava_jax.rl.batches import Rollout
 from llava_jax.settings import PPOSettings
-from llava_jax.data.templates import USER, Turn, encode_prompt, normalize_turns, render
+from llava_jax.data.templates import USER, Turn, normalize_turns, render
 
 B, N = 4, 7
 # Right-padded responses: stopped (EOS inside), stopped at the last position, cut short at
@@ -353,28 +353,82 @@ def test_llava_v1_and_whitespace_as_llava_renders_them():
 
 # --- 8. the evaluation protocol -------------------------------------------------------------
 
-def test_llava_rlhf_protocol_builds_model_vqa_prompts(tmp_path):
-    """Eval/eval_pope.sh: model_vqa.py appends its test prompt to "<image>\\n" + the question,
-    with llava_v1 (its --conv-mode default), temperature 0.2 (default), 64 tokens (short_eval)."""
+# Eval/eval_scripts/eval_pope.sh's --test-prompt, as bash passes it: inside single quotes "\n"
+# stays two characters, a backslash and an "n".
+EVAL_POPE_SH_TEST_PROMPT = "\\nAnswer the question using a single word or phrase."
+# Eval/model_vqa.py's argparse default for --test-prompt (a Python "\n": a newline).
+MODEL_VQA_DEFAULT_TEST_PROMPT = "\nAnswer the question using a single word or phrase."
+
+
+def original_model_vqa_ids(text: str, test_prompt: str, hf, num_image_tokens: int, image_token_index: int) -> list[int]:
+    """Eval/model_vqa.py's prompt ids for one question (mm_use_im_start_end off): "<image>\n" +
+    the question, `qs += args.test_prompt` as given, conv_templates["llava_v1"].get_prompt(),
+    then LLaVA's tokenizer_image_token (the string tokenised whole between placeholders, BOS
+    once), its one image id standing for the image's `num_image_tokens` features."""
+    qs = "<image>" + "\n" + text
+    if test_prompt:
+        qs += test_prompt
+    prompt = LLAVA_V1_SYSTEM + " " + "USER: " + qs + " " + "ASSISTANT:"
+    chunks = [hf(chunk).input_ids for chunk in prompt.split("<image>")]
+    ids = list(chunks[0])
+    for chunk in chunks[1:]:
+        ids += [image_token_index] * num_image_tokens + chunk[1:]  # each chunk's BOS dropped
+    return ids
+
+
+def test_eval_pope_sh_passes_a_backslash_and_an_n():
+    """What bash hands model_vqa.py from the script's line (POSIX shell quoting), through the
+    same argparse argument; without the flag, its default's real newline."""
+    import argparse
+    import shlex
+
+    line = r"--image_aspect_ratio pad --test-prompt '\nAnswer the question using a single word or phrase.'"
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--image_aspect_ratio", type=str, default="pad")
+    parser.add_argument("--test-prompt", type=str, default=MODEL_VQA_DEFAULT_TEST_PROMPT)
+    assert parser.parse_args(shlex.split(line)).test_prompt == EVAL_POPE_SH_TEST_PROMPT
+    assert EVAL_POPE_SH_TEST_PROMPT[:2] == "\\" + "n" and "\n" not in EVAL_POPE_SH_TEST_PROMPT
+    assert parser.parse_args([]).test_prompt == MODEL_VQA_DEFAULT_TEST_PROMPT
+
+
+@pytest.mark.parametrize("name, test_prompt", [("llava-rlhf", EVAL_POPE_SH_TEST_PROMPT),
+                                               ("llava-rlhf-newline", MODEL_VQA_DEFAULT_TEST_PROMPT)])
+def test_llava_rlhf_pope_prompt_ids_equal_model_vqa(tmp_path, name, test_prompt):
+    """`llava-rlhf`: Eval/eval_pope.sh's prompt ids (its --test-prompt as bash passes it through
+    model_vqa.py); `llava-rlhf-newline`: model_vqa.py's default test prompt. llava_v1 (its
+    --conv-mode default), temperature 0.2 (default), 64 tokens (short_eval) either way."""
     import json
 
     from llava_jax.data import EvalDataset, load_tokenizer, vision_kwargs
     from llava_jax.data.eval_data import PROTOCOLS
     from llava_jax.models.llava import tiny_config
 
-    protocol = PROTOCOLS["llava-rlhf"]["pope"]
-    assert (protocol.template, protocol.temperature, protocol.max_new_tokens) == ("llava_v1", 0.2, 64)
+    protocol = PROTOCOLS[name]["pope"]
+    assert (protocol.template, protocol.suffix, protocol.temperature, protocol.max_new_tokens) == (
+        "llava_v1", test_prompt, 0.2, 64)
     tokenizer = load_tokenizer("data/toy/tokenizer")
+    text = "Is there a red square in the image?"
     questions = tmp_path / "pope.jsonl"
-    questions.write_text(json.dumps({"question_id": 1, "image": "eval_000.png", "text": "Is there a red square?",
-                                     "label": "yes"}) + "\n")
+    questions.write_text(json.dumps({"question_id": 1, "image": "eval_000.png", "text": text, "label": "yes"}) + "\n")
     config = tiny_config()
     dataset = EvalDataset(str(questions), tokenizer, fmt="pope", image_folder="data/toy/images",
                           template=protocol.template, suffix=protocol.suffix, max_length=512, **vision_kwargs(config))
-    example = dataset.load(0)
-    qs = "Is there a red square?" + "\nAnswer the question using a single word or phrase."
-    expected = encode_prompt([Turn(USER, qs)], tokenizer, "llava_v1", num_image_tokens=config.num_image_tokens,
-                             image_token_index=config.image_token_index).ids
-    np.testing.assert_array_equal(example["input_ids"], expected)
-    assert render([Turn(USER, qs)], "llava_v1", has_image=True, generation=True) == (
-        LLAVA_V1_SYSTEM + " USER: <image>\n" + qs + " ASSISTANT:")
+    expected = original_model_vqa_ids(text, test_prompt, tokenizer.hf, config.num_image_tokens,
+                                      config.image_token_index)
+    np.testing.assert_array_equal(dataset.load(0)["input_ids"], expected)
+    assert render([Turn(USER, text + protocol.suffix)], "llava_v1", has_image=True, generation=True) == (
+        LLAVA_V1_SYSTEM + " USER: <image>\n" + text + test_prompt + " ASSISTANT:")
+
+
+def test_the_two_pope_suffixes_give_different_ids():
+    from llava_jax.data import load_tokenizer
+    from llava_jax.data.eval_data import PROTOCOLS
+
+    tokenizer = load_tokenizer("data/toy/tokenizer")
+    literal, newline = (PROTOCOLS[name]["pope"].suffix for name in ("llava-rlhf", "llava-rlhf-newline"))
+    assert literal == EVAL_POPE_SH_TEST_PROMPT and newline == MODEL_VQA_DEFAULT_TEST_PROMPT
+    text = "Is there a red square in the image?"
+    literal_ids, newline_ids = tokenizer.encode(text + literal), tokenizer.encode(text + newline)
+    assert literal_ids != newline_ids
+    assert PROTOCOLS["llava-rlhf"]["vqa"] == PROTOCOLS["llava-rlhf-newline"]["vqa"]
+    assert PROTOCOLS["llava-rlhf"]["mmhal"] == PROTOCOLS["llava-rlhf-newline"]["mmhal"]

@@ -57,7 +57,7 @@ def test_llava_rlhf_protocol_settings_reach_the_run(tiny_ckpt, tmp_path, capsys)
     generate_main(_args(tiny_ckpt, questions, "pope", out) + ["--protocol", "llava-rlhf"])
     printed = capsys.readouterr().out
     assert ("protocol llava-rlhf: template llava_v1, temperature 0.2, max_new_tokens 6, question suffix "
-            "'\\nAnswer the question using a single word or phrase.'") in printed
+            "'\\\\nAnswer the question using a single word or phrase.'") in printed  # a backslash and an "n"
     assert len(out.read_text().splitlines()) == 4
 
 

@@ -38,13 +38,22 @@ class EvalProtocol:
 # model_vqa.py --test-prompt ''; MMHal-Bench is model_vqa_mmhal.py --temperature 0.0
 # --test-prompt ''. All use --conv-mode llava_v1 and pad images to squares. Their top_p is
 # None, i.e. the checkpoint's generation_config (1.0 unless it says otherwise).
+# POPE's test prompt: eval_pope.sh passes --test-prompt '\nAnswer ...' in bash single quotes,
+# which keep "\n" as two characters, and model_vqa.py appends it unchanged (qs +=
+# args.test_prompt), so the prompts behind the paper's POPE numbers hold a backslash and an "n"
+# (`llava-rlhf`). model_vqa.py's argparse default (which the script overrides) starts with a
+# real newline, as LLaVA's own short-answer prompts do (`llava-rlhf-newline`; all else the same).
+POPE_INSTRUCTION = "Answer the question using a single word or phrase."
+_LLAVA_RLHF: dict[str, EvalProtocol] = {
+    "pope": EvalProtocol("llava_v1", "\\n" + POPE_INSTRUCTION, 0.2, 64),  # a backslash and an "n"
+    "vqa": EvalProtocol("llava_v1", "", 0.2, 1024),
+    "mmhal": EvalProtocol("llava_v1", "", 0.0, 1024),
+}
 PROTOCOLS: dict[str, dict[str, EvalProtocol]] = {
     "default": {fmt: EvalProtocol() for fmt in EVAL_FORMATS},
-    "llava-rlhf": {
-        "pope": EvalProtocol("llava_v1", "\nAnswer the question using a single word or phrase.", 0.2, 64),
-        "vqa": EvalProtocol("llava_v1", "", 0.2, 1024),
-        "mmhal": EvalProtocol("llava_v1", "", 0.0, 1024),
-    },
+    "llava-rlhf": _LLAVA_RLHF,
+    "llava-rlhf-newline": {**_LLAVA_RLHF, "pope": dataclasses.replace(_LLAVA_RLHF["pope"],
+                                                                      suffix="\n" + POPE_INSTRUCTION)},
 }
 
 
