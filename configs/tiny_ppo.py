@@ -37,7 +37,7 @@ def get_config():
     # length / 32 here (toy responses are 32 tokens); -10 would cost a 20-token answer 6.3 points
     # and drown the reward model's judgement.
     c.ppo.length_bonus = -10.0 * 32 / 896
-    # Our choices where the original differs (configs/common.py, README): valid tokens only in the advantage
+    # Our choices where the original differs (llava_jax/settings.py, docs/ppo.md): valid tokens only in the advantage
     # statistics and the losses, no '?' cut, the schedule per optimiser update, the sampler's log-probs (float32).
     c.ppo.whiten_over_pads = False
     c.ppo.loss_over_pads = False

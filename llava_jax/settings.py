@@ -2,9 +2,12 @@
 held here once (frozen dataclasses; the machinery is in settings_read.py).
 
 A config file's ConfigDict starts from these defaults (configs/common.py's `base_config()` is
-generated from this tree) and is read once, at the entry (`RunSettings.from_config`), into the
-tree the rest of the code takes; a lower layer takes the section it needs (`make_optimizer` the
-`optim` section, `ppo_setup.ppo_hyper` the `ppo` one). Reading refuses, by name, a field that does
+generated from this tree) and is read once, at the entry (`load_settings`: the file, its
+command-line overrides, `RunSettings.from_config`, then the path fields (`path=True`) made
+absolute: relative ones from the file against its project root, the directory above its folder;
+from the command line against the current directory), into the tree the rest of the code takes;
+a lower layer takes the section it needs (`make_optimizer` the `optim` section,
+`ppo_setup.ppo_hyper` the `ppo` one). Reading refuses, by name, a field that does
 not exist (with the closest known ones) and a field the run's stage never reads set away from its
 default (`stages=`), so no setting is silently ignored. Options are `Literal`s checked and lists
 converted to tuples when a section is built; `validate` holds every check that needs no device.
@@ -14,10 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Sequence, get_args
 
 from llava_jax import settings_read
-from llava_jax.settings_read import Section, docs, load_config_file, section, setting  # noqa: F401 (re-exported)
+from llava_jax.settings_read import (Resolved, Section, describe_resolved, docs, load_config_file,  # noqa: F401
+                                     path_problem, section, setting)  # (re-exported)
 
 Stage = Literal["sft", "rm", "ppo"]  # pretrain is sft with trainable=projector and template=plain
 CpuShapes = Literal["auto", "on", "off"]
@@ -43,7 +47,8 @@ _TRAINABLE_PARTS = {"projector": ("projector",), "projector+llm": ("projector", 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings(Section):
     PATH = "config.model"
-    init: str = setting("tiny", '"tiny" (random tiny LLaVA) or a converted checkpoint directory')
+    init: str = setting("tiny", '"tiny" (random tiny LLaVA) or a converted checkpoint directory', path=True,
+                        not_paths=("tiny",))
     adapter: str = setting("", 'adapter inside model.init to start from ("" = none)', stages=SFT_RM)
     dtype: Dtype = setting("float32", "compute dtype")
     param_dtype: Dtype = setting("float32", "dtype of the frozen base on device")
@@ -143,10 +148,10 @@ class OptimSettings(Section):
 @dataclasses.dataclass(frozen=True)
 class DataSettings(Section):
     PATH = "config.data"
-    train: str = setting("", "JSON/JSONL in the LLaVA(-RLHF) format of the stage")
-    image_folder: str = setting("", "directory the records' image paths are relative to")
-    captions: str = setting("", "image -> captions JSON (rm with facts, ppo)", stages=("rm", "ppo"))
-    tokenizer: str = setting("", "HF tokenizer directory")
+    train: str = setting("", "JSON/JSONL in the LLaVA(-RLHF) format of the stage", path=True)
+    image_folder: str = setting("", "directory the records' image paths are relative to", path=True)
+    captions: str = setting("", "image -> captions JSON (rm with facts, ppo)", stages=("rm", "ppo"), path=True)
+    tokenizer: str = setting("", "HF tokenizer directory", path=True)
     template: Template = setting("vicuna_v1", "conversation template")
     max_length: int = setting(1280, "tokens, image placeholders included", stages=SFT_RM)
     num_buckets: int = setting(3, "static sequence lengths (halving down from max_length)", stages=SFT_RM)
@@ -164,7 +169,7 @@ class RMSettings(Section):
     centering: float = setting(1e-3, "weight of |mean(r_chosen + r_rejected)|")
     with_facts: bool = setting(True, 'captions inside the "accurate" criterion (Fact-RLHF)')
     prompt_file: str = setting("", 'reward prompt wording ("" = llava_jax/data/prompts/fact_rlhf_reward.txt)',
-                               stages=("rm", "ppo"))
+                               stages=("rm", "ppo"), path=True)
     eval_every: int = setting(50, "steps between held-out evaluations")
 
 
@@ -173,9 +178,11 @@ class PPOSettings(Section):
     PATH = "config.ppo"
     STAGES = ("ppo",)
     policy_adapter: str = setting("", "policy-init adapter dir (a LoRA SFT run's workdir/adapter); "
-                                  '"" = fresh LoRA = base')
-    reward_base: str = setting("", 'checkpoint dir of the reward/value base ("" = model.init, one shared base)')
-    reward_adapter: str = setting("", "the RM run's adapter dir (LoRA + reward head); value starts from it")
+                                  '"" = fresh LoRA = base', path=True)
+    reward_base: str = setting("", 'checkpoint dir of the reward/value base ("" = model.init, one shared base)',
+                               path=True)
+    reward_adapter: str = setting("", "the RM run's adapter dir (LoRA + reward head); value starts from it",
+                                  path=True)
     rollout_batch: int = setting(512, "prompts sampled per PPO step (global)")
     rollout_chunk: int = setting(0, "prompts sampled and scored per jitted pass (0 = the whole rollout batch)")
     step_batch: int = setting(256, "rollouts per optimiser step (global)")
@@ -248,7 +255,8 @@ class EvalSettings(Section):
     PATH = "config.eval"
     STAGES = ("ppo",)
     toy_dir: str = setting("", "toy world (data/toy): PPO logs the rollouts' hallucination_rate and ends with a greedy "
-                           'held-out evaluation of the SFT and PPO policies (llava_jax/eval/toy_eval.py); "" = off')
+                           'held-out evaluation of the SFT and PPO policies (llava_jax/eval/toy_eval.py); "" = off',
+                           path=True)
     batch_size: int = setting(64, "questions per generate call in that evaluation")
 
 
@@ -285,10 +293,10 @@ class RunSettings(Section):
     PATH = "config"
     stage: Stage = setting("sft", "sft | rm | ppo (pretrain is sft with trainable=projector and template=plain)")
     seed: int = setting(0, "model init, data order, dropout")
-    workdir: str = setting("runs/default", "checkpoints/, metrics.jsonl and tb/ go here")
+    workdir: str = setting("runs/default", "checkpoints/, metrics.jsonl and tb/ go here", path=True)
     resume: bool = setting(True, "continue from the latest checkpoint in workdir")
     requires: tuple[str, ...] = setting((), "config files run first when their workdir has no exported result "
-                                        "(a comma-separated string or a list)")
+                                        "(a comma-separated string or a list)", path=True)
     model: ModelSettings = section(ModelSettings, "the model and its runtime knobs")
     train: TrainSettings = section(TrainSettings, "what trains, LoRA, batch and length of the run")
     optim: OptimSettings = section(OptimSettings, "optimiser and learning-rate schedule")
@@ -329,6 +337,17 @@ def apply_overrides(cfg: Any, items: list[str]) -> None:
     settings_read.apply_overrides(cfg, items, unknown_field)
 
 
+def load_settings(config_file: str, overrides: Sequence[str] = ()) -> tuple[RunSettings, list[Resolved]]:
+    """The settings of a config file and its `--config.a.b=value` overrides, read once, with every
+    relative path field made absolute by the one rule: written in the file, against the file's
+    project root (the directory above its folder: the repository for configs/*.py); given on the
+    command line, against the current directory. Also what was resolved (`describe_resolved`)."""
+    cfg = load_config_file(config_file)
+    apply_overrides(cfg, list(overrides))
+    s = RunSettings.from_config(cfg)
+    return settings_read.resolve_paths(s, config_file, settings_read.override_fields(overrides), os.getcwd())
+
+
 # ------------------------------------------------------------------------ validation
 
 def validate(s: RunSettings, process_count: int, device_count: int) -> None:
@@ -342,13 +361,16 @@ def validate(s: RunSettings, process_count: int, device_count: int) -> None:
     for name in ("train", "tokenizer"):
         path = getattr(s.data, name)
         if not path or not os.path.exists(path):
-            raise ValueError(f"config.data.{name}={path!r} does not exist")
+            raise ValueError(path_problem(f"config.data.{name}", path, " does not exist"))
     if s.data.image_folder and not os.path.isdir(s.data.image_folder):
-        raise ValueError(f"config.data.image_folder={s.data.image_folder!r} is not a directory")
+        raise ValueError(path_problem("config.data.image_folder", s.data.image_folder, " is not a directory"))
     if s.stage == "rm" and s.rm.with_facts and not os.path.isfile(s.data.captions):
-        raise ValueError(f"config.data.captions={s.data.captions!r}: rm.with_facts needs the captions file")
+        raise ValueError(path_problem("config.data.captions", s.data.captions,
+                                      ": rm.with_facts needs the captions file"))
+    if s.rm.prompt_file and not os.path.isfile(s.rm.prompt_file):
+        raise ValueError(path_problem("config.rm.prompt_file", s.rm.prompt_file, " does not exist"))
     if s.model.init != "tiny" and not os.path.isdir(s.model.init):
-        raise ValueError(f"config.model.init={s.model.init!r}: expected 'tiny' or a checkpoint directory")
+        raise ValueError(path_problem("config.model.init", s.model.init, ": expected 'tiny' or a checkpoint directory"))
     if s.stage != "ppo" and (s.train.batch_size <= 0 or s.train.batch_size % (s.train.grad_accum * process_count)):
         raise ValueError(f"config.train.batch_size={s.train.batch_size} must divide into grad_accum="
                          f"{s.train.grad_accum} x {process_count} processes")
@@ -360,14 +382,18 @@ def validate(s: RunSettings, process_count: int, device_count: int) -> None:
 def _validate_ppo(s: RunSettings, procs: int) -> None:
     p = s.ppo
     if not p.reward_adapter or not os.path.isdir(p.reward_adapter):
-        raise ValueError(f"config.ppo.reward_adapter={p.reward_adapter!r}: the reward model's adapter directory "
-                         "(an RM run's workdir/adapter) does not exist")
+        raise ValueError(path_problem("config.ppo.reward_adapter", p.reward_adapter, ": the reward model's adapter "
+                                      "directory (an RM run's workdir/adapter) does not exist"))
     if p.policy_adapter and not os.path.isdir(p.policy_adapter):
-        raise ValueError(f"config.ppo.policy_adapter={p.policy_adapter!r} does not exist ('' = fresh LoRA)")
+        raise ValueError(path_problem("config.ppo.policy_adapter", p.policy_adapter,
+                                      " does not exist ('' = fresh LoRA)"))
     if p.reward_base and not os.path.isdir(p.reward_base):
-        raise ValueError(f"config.ppo.reward_base={p.reward_base!r} does not exist ('' = model.init)")
+        raise ValueError(path_problem("config.ppo.reward_base", p.reward_base, " does not exist ('' = model.init)"))
     if p.with_facts and not os.path.isfile(s.data.captions):
-        raise ValueError(f"config.data.captions={s.data.captions!r}: ppo.with_facts needs the captions file")
+        raise ValueError(path_problem("config.data.captions", s.data.captions,
+                                      ": ppo.with_facts needs the captions file"))
+    if s.eval.toy_dir and not os.path.isdir(s.eval.toy_dir):
+        raise ValueError(path_problem("config.eval.toy_dir", s.eval.toy_dir, " is not a directory ('' = off)"))
     if s.train.trainable != "lora":
         raise ValueError("config.train.trainable: PPO trains LoRA adapters (lora)")
     if s.train.lora_dropout:

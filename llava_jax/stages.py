@@ -1,6 +1,7 @@
-"""Which loop runs a stage, after the stages it `requires`: `run_stage(settings)` is what
-`scripts/train.py` calls. A required config runs first when its workdir has no exported
-result (`tiny_ppo` needs a tiny SFT model and a tiny reward model).
+"""Which loop runs a stage, after the stages it `requires`: `run_stage(settings)` is what the
+driver (llava_jax/cli.py) calls. A required config runs first when its workdir has no exported
+result (`tiny_ppo` needs a tiny SFT model and a tiny reward model); it is read as the driver
+reads a config file (`load_settings`), so its relative paths resolve against its own project root.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Sequence
 
 import jax
 
-from llava_jax.settings import RunSettings, describe_cpu_shapes, load_config_file, resolve_cpu_shapes
+from llava_jax.settings import RunSettings, describe_cpu_shapes, describe_resolved, load_settings, resolve_cpu_shapes
 
 
 def exported_result(s: RunSettings) -> str | None:
@@ -24,16 +25,19 @@ def exported_result(s: RunSettings) -> str | None:
 def run_requirements(s: RunSettings, overrides: Sequence[str] = (), _seen: tuple[str, ...] = ()) -> None:
     """Runs each config in `s.requires` (its own requirements first) whose workdir has no
     exported result yet. Command-line overrides belong to the stage they were given for:
-    a required stage runs from its own file, and says which overrides it does not take."""
+    a required stage runs from its own file, and says which overrides it does not take.
+    (`s.requires` as the driver left it: absolute; a relative entry is found from the current directory.)"""
     for path in s.required_configs():
-        if path in _seen:
+        if os.path.abspath(path) in _seen:
             raise ValueError(f"config.requires: cycle through {path}")
-        required = RunSettings.from_config(load_config_file(path))
+        required, resolved = load_settings(path)
         if exported_result(required) is not None:
             continue
-        run_requirements(required, overrides, (*_seen, path))
+        run_requirements(required, overrides, (*_seen, os.path.abspath(path)))
         if jax.process_index() == 0:
             print(f"requirement {path}: no result in {required.workdir} yet, running it first")
+            if resolved:
+                print(describe_resolved(resolved))
             if overrides:
                 print(f"requirement {path} runs from its own file: it does not take the overrides "
                       f"{' '.join(overrides)} (run it on its own with them first if it should)")

@@ -105,10 +105,14 @@ def test_sigkill_then_resume_reaches_the_same_losses(tmp_path):
 
 
 def _config_source(workdir, steps) -> str:
-    """A config file with _train_cmd's overrides (a required stage runs from its own file)."""
-    return (f"from configs.tiny_sft import get_config as tiny_sft\n\n\ndef get_config():\n"
+    """A config file with _train_cmd's overrides (a required stage runs from its own file). Its
+    data paths are absolute: relative ones would resolve against its own project root (the
+    directory above its folder), which holds no data."""
+    return (f"import os\n\nfrom configs.tiny_sft import get_config as tiny_sft\n\n\ndef get_config():\n"
             f"    c = tiny_sft()\n    c.workdir, c.train.max_steps, c.checkpoint.every = {str(workdir)!r}, {steps}, 1\n"
             f"    c.log.tensorboard, c.data.workers, c.data.num_buckets = False, 0, 1\n"
+            f"    for name in ('train', 'image_folder', 'tokenizer'):\n"
+            f"        c.data[name] = os.path.join({ROOT!r}, c.data[name])\n"
             f"    c.optim.update({SCHEDULE!r})\n    return c\n")
 
 
