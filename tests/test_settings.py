@@ -106,7 +106,7 @@ def test_option_lists_are_the_code_s():
     assert set(typing.get_args(settings.Dtype)) == set(layers.DTYPES)
     assert set(typing.get_args(settings.Remat)) == set(layers.REMAT_POLICIES)
     assert set(typing.get_args(settings.Attention)) == set(llama.ATTENTION_BACKENDS)
-    assert set(typing.get_args(settings.Template)) == set(templates._REGISTRY)
+    assert set(typing.get_args(settings.Template)) == set(templates.BUILTIN_TEMPLATES)
 
 
 def test_settings_is_the_lowest_layer():

@@ -100,6 +100,9 @@ register_template(Template("vicuna_v1"), "v1")
 # LLaVA's and LLaVA-RLHF's evaluation scripts (model_vqa*.py --conv-mode).
 register_template(Template("llava_v1", system=LLAVA_SYSTEM))
 register_template(Template("plain", style="plain", system=""))
+# The names a config's data.template may take (settings.Template); templates registered later
+# serve code that builds a Template itself.
+BUILTIN_TEMPLATES = tuple(_REGISTRY)
 
 
 class ConversationError(ValueError):
