@@ -64,6 +64,8 @@ def pytest_unconfigure(config):
 def pytest_configure(config):
     if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.6
         config.option.loadscopereorder = False  # keep SLOW_FIRST's order
+    if _fast_tier(config) and not hasattr(config, "workerinput"):  # before the workers start: they inherit it
+        os.environ["LLAVA_JAX_TIER_DIR"] = tempfile.mkdtemp(prefix="llava_jax_tier_")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -71,3 +73,53 @@ def pytest_collection_modifyitems(session, config, items):
         name = os.path.basename(str(item.fspath))
         return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
     items.sort(key=rank)  # stable: the order inside a module is kept
+
+
+# --- tiers: `-m "not slow"` is the fast tier (docs/testing.md); it must touch every module ------
+
+def _fast_tier(config) -> bool:
+    return config.getoption("markexpr", "").replace(" ", "") == "notslow"
+
+
+def _modules_file(config) -> str:
+    """Where each process of a fast-tier session lists the llava_jax / scripts modules it ran."""
+    root = os.environ["LLAVA_JAX_TIER_DIR"]
+    worker = getattr(config, "workerinput", {}).get("workerid", "main")
+    return os.path.join(root, f"modules_{worker}.txt")
+
+
+def _ours() -> set[str]:
+    import sys
+
+    return {name for name in sys.modules if name.split(".")[0] in ("llava_jax", "scripts", "tools")}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fast tier: every module of llava_jax and every script and tool was imported in a test process by
+    some test of it (a module only a subprocess runs does not count); the controller fails the
+    session naming those that were not."""
+    config = session.config
+    if not _fast_tier(config):
+        return
+    with open(_modules_file(config), "a") as f:
+        f.write("\n".join(sorted(_ours())) + "\n")
+    if hasattr(config, "workerinput"):
+        return
+    import glob
+    import pkgutil
+
+    import llava_jax
+
+    seen = set()
+    for path in glob.glob(os.path.join(os.environ["LLAVA_JAX_TIER_DIR"], "modules_*.txt")):
+        seen.update(open(path).read().split())
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wanted = {m.name for m in pkgutil.walk_packages(llava_jax.__path__, "llava_jax.")} - {"llava_jax.model_ckpt"}
+    for folder in ("scripts", "tools"):
+        wanted |= {f"{folder}.{n[:-3]}" for n in os.listdir(os.path.join(repo, folder))
+                   if n.endswith(".py") and n != "__init__.py"}
+    missing = sorted(wanted - seen)
+    shutil.rmtree(os.environ["LLAVA_JAX_TIER_DIR"], ignore_errors=True)
+    if missing:
+        print(f"\nfast tier: {len(missing)} modules no fast test imports: {', '.join(missing)}")
+        session.exitstatus = 1

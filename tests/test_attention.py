@@ -21,6 +21,7 @@ def _inputs(t, heads, kv_heads, pads, seed=0, d=16):
     return q, k, v, causal_padding_mask(jnp.asarray(valid)), valid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t,block", [(20, 128), (70, 16), (64, 32)], ids=["one-block", "ragged-blocks", "even-blocks"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 def test_values_and_gradients_match_attention(t, block, heads, kv_heads):
@@ -63,6 +64,7 @@ def _padded(t, heads, kv_heads, seed=0, d=16):
     return q, k, v, valid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
 def test_flash_values_and_gradients_match_the_xla_path(heads, kv_heads):
     from llava_jax.models.flash_attention import flash_attention
@@ -80,6 +82,7 @@ def test_flash_values_and_gradients_match_the_xla_path(heads, kv_heads):
         np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_flash_model_forward_and_kv_cache_generation_match_xla():
     """The whole tiny LLaVA with flash attention: logits at every valid position equal the XLA
     path's, and the KV-cache sampler (which stays on the XLA path) gives the same greedy tokens
@@ -109,6 +112,7 @@ def test_flash_model_forward_and_kv_cache_generation_match_xla():
     np.testing.assert_array_equal(tokens[0], tokens[1])
 
 
+@pytest.mark.slow
 def test_accelerator_shapes_compute_what_the_cpu_shapes_compute():
     """`cpu_shapes` (the model config's runtime field; settings `model.cpu_shapes`) only changes
     the forms XLA:CPU is given: the plain forms TPUs and GPUs run give the same logits, losses

@@ -15,6 +15,7 @@ PPO_ARGS = ["--rollout-batch", "4", "--step-batch", "2", "--response-len", "8"]
 CUT_ARGS = ["--cut-ids", ",".join(str(i) for i in range(3, 103))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cpu_shapes", ["on", "off"])  # off: the TPU/GPU forms, on this CPU
 def test_bench_ppo_vs_hf_agrees_and_prints_the_ratio(capsys, cpu_shapes):
     from scripts.bench_ppo import main
@@ -47,6 +48,7 @@ def test_bench_ppo_check_fails_on_a_difference():
     assert check_vs_torch(ours, theirs, tight=True)[0]
 
 
+@pytest.mark.slow
 def test_bench_gpu_tiny_runs_every_section(capsys):
     from scripts.bench_gpu import main
 

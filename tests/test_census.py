@@ -17,6 +17,9 @@ import pytest
 
 from census import ROOT, SCENARIOS, census_config
 
+# Whole pipelines (their fixtures train a toy world): the full suite only (docs/testing.md).
+pytestmark = pytest.mark.slow
+
 SLACK = 2 * 2**20  # bytes: batches, the KV cache, logits, metrics, RNG keys
 DEVICES = 8
 

@@ -20,6 +20,7 @@ ONE_STEP = ["--config.train.max_steps=1", "--config.log.tensorboard=False", "--c
             "--config.data.num_buckets=1", "--config.checkpoint.every=100", "--config.train.batch_size=4"]
 
 
+@pytest.mark.slow
 def test_a_shipped_config_runs_from_another_directory(tmp_path):
     """`python -m llava_jax.cli` in a directory of its own, with only the package importable (not
     the repository: its configs/ is found through the config file): the data from the config file

@@ -46,6 +46,7 @@ def _expected(tree, mesh):
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_cfg, mesh_shape", [(tiny_sft, (1, 8, 1)), (tiny_rm, (2, 2, 2))])
 def test_memory_figures_match_the_shardings(make_cfg, mesh_shape):
     os.chdir(ROOT)
@@ -86,6 +87,7 @@ def test_memory_figures_match_the_shardings(make_cfg, mesh_shape):
     assert row[-2:] == ["NO", "yes |"]
 
 
+@pytest.mark.slow
 def test_ppo_rollout_and_update_compile():
     cfg = base_config()
     cfg.stage, cfg.train.trainable, cfg.train.lora_rank = "ppo", "lora", 4

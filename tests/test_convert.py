@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import convert_helpers  # noqa: F401  (fixtures)
 from convert_helpers import *  # noqa: F401,F403  (helpers and module-scoped fixtures)
@@ -99,6 +101,7 @@ def test_transformers_4_vision_names_still_import(llava_hf, root):
 
 # ----------------------------------------------------------------------------- 2. original LLaVA layout
 
+@pytest.mark.slow
 def test_original_layout_import_verify_export(original, clip, root, capsys):
     projector, tensors, src = original
     clip_model, clip_dir = clip
@@ -257,6 +260,7 @@ def test_verify_command_prints_error(llava_hf_mlp, llava_hf_mlp_ckpt, capsys):
     assert re.search(r"compared (\d+) tokens", out) and int(re.search(r"compared (\d+) tokens", out).group(1)) > 0
 
 
+@pytest.mark.slow
 def test_command_line_subprocess(llava_hf_mlp, root):
     """The real command line: an import, then an export onto an existing directory, which must
     end with exactly one `error:` line on stderr (no warnings or tracebacks) and status 2."""

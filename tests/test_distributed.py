@@ -106,6 +106,7 @@ def _distributed(cmd: list, count: int = 2) -> list:
             for i in range(count)]
 
 
+@pytest.mark.slow
 def test_preempted_two_process_run_resumes_to_the_one_process_losses(tmp_path):
     """The 2-process job and a 1-process, 2-device run side by side; SIGTERM reaches process 1
     of the job only (a preempted host). Both processes agree on one step (JAX's preemption
@@ -160,6 +161,7 @@ def _assert_same_records(multi: list, single: list, atol: float) -> None:
             np.testing.assert_allclose(m[key], s[key], rtol=1e-5, atol=atol, err_msg=f"step {s['step']}: {key}")
 
 
+@pytest.mark.slow
 def test_rm_evaluation_on_two_processes_equals_one_process(tmp_path):
     """Held-out RM metrics of the 2-process job equal the 1-process, 2-device run's: each
     batch's global means weigh by its global count of pairs. 22 held-out pairs in global
@@ -192,6 +194,7 @@ def _random_ppo_world(root) -> tuple[str, str]:
     return os.path.join(root, "base"), os.path.join(root, "reward")
 
 
+@pytest.mark.slow
 def test_ppo_steps_on_two_processes_equal_one_process(tmp_path):
     """Two PPO steps (rollout, scoring, the reward model's inputs built on each host, updates)
     of the 2-process job equal the 1-process, 2-device run's, metric for metric: each process

@@ -31,6 +31,7 @@ def _close(a, b, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 5, 13, 64])  # 5 does not divide N = 13; 64 > N: one chunk
 def test_values_and_gradients_match_the_full_logits(chunk):
     rng = np.random.RandomState(0)
@@ -94,6 +95,7 @@ def _old_response_logprobs(spec, base, adapter_params, batch, features):
     return _full_formula(logits, batch.response, spec.temperature)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True], ids=["head", "tied"])
 def test_response_logprobs_match_the_full_logits_on_a_padded_batch(tied, monkeypatch):
     monkeypatch.setattr(roles, "LOGPROB_CHUNK", 4)  # 3 chunks over N = 11, the last one padded

@@ -73,6 +73,7 @@ def test_mmhal_answers_and_judge_file(tiny_ckpt, tmp_path):
     assert [j["question"] for j in judge] == [i["question"] for i in items]
 
 
+@pytest.mark.slow
 def test_eval_toy_script_writes_answers_and_table(tiny_ckpt, tmp_path, capsys):
     """scripts/eval_toy.py on two models (the same random checkpoint, without and with a
     zero-initialised LoRA adapter directory: identical answers), its files and its table."""
@@ -111,6 +112,7 @@ def test_a_torn_last_line_is_dropped_and_the_rerun_appends(tiny_ckpt, tmp_path):
     assert [a["text"] for a in again] == [json.loads(line)["text"] for line in whole]  # greedy: the same answer
 
 
+@pytest.mark.slow
 def test_answers_over_a_mesh_equal_one_device(tiny_ckpt, tmp_path):
     """--mesh lays weights, prompts and cache over the 8 test devices or over one; same answers."""
     questions = tmp_path / "pope.jsonl"

@@ -58,6 +58,7 @@ def world(tmp_path_factory):
     return {"root": root, "hf": hf, "config": config, "base": base, "peft_model": peft_model}
 
 
+@pytest.mark.slow
 def test_fresh_adapter_and_no_adapter_equal_the_base(world):
     config, base = world["config"], world["base"]
     ids, mask, pixels = _batch(config)

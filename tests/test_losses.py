@@ -30,6 +30,7 @@ def _reference(hidden, kernel, labels, weights, tied):
     return ce, tokens, jnp.sum(hit).astype(jnp.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True], ids=["head", "tied"])
 @pytest.mark.parametrize("buckets", [1, 4, 5, 16])  # 5: chunks of 5 slots, the last one reaching past T = 24
 def test_sums_and_gradients_match_the_full_logits_loss(tied, buckets):
@@ -74,6 +75,7 @@ def test_no_targets_gives_zero_loss_and_gradients():
     assert not np.any(dh) and not np.any(dk)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_sft_loss_gradients_match_the_full_logits_loss(mode):
     config = llava.tiny_config()

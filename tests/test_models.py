@@ -128,6 +128,7 @@ def llava_pair(request, llava_models):
     return llava_models[request.param]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("projector,cpu_shapes", [("mlp2x_gelu", False), ("linear", False), ("linear", True)])
 def test_llava_matches_hf_with_mixed_image_batch(llava_models, projector, cpu_shapes):
     hf, config, params = llava_models[projector]
@@ -151,6 +152,7 @@ def test_text_only_call_without_pixels(llava_pair):
     np.testing.assert_array_equal(with_pixels, without)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_close_to_float32(llava_pair):
     _, config, params = llava_pair
     ids, mask, pixels, _ = _llava_batch(config)
@@ -162,6 +164,7 @@ def test_bfloat16_compute_close_to_float32(llava_pair):
     assert tiny_hf.rel_error(np.asarray(bf16), f32, mask) <= 2e-2
 
 
+@pytest.mark.slow
 def test_remat_policies_do_not_change_gradients(llava_models):
     _, config, params = llava_models["mlp2x_gelu"]
     ids, mask, pixels, _ = _llava_batch(config)

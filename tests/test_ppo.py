@@ -12,6 +12,9 @@ import pytest
 
 from ppo_helpers import make_world, ppo_config, ppo_overrides, run_config
 
+# Whole pipelines (their fixtures train a toy world): the full suite only (docs/testing.md).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE_DIR: list = []  # where reference_run ran (its checkpoints and exports)
 TIMING = ("rollout_seconds", "score_seconds", "update_seconds", "step_seconds", "tokens_per_s")

@@ -66,6 +66,7 @@ def test_cached_decode_logits_equal_full_forward(world):
 
 @pytest.mark.parametrize("with_image,cpu_shapes", [(True, False), (False, False), (True, True)],
                          ids=["image", "text-only", "image-cpu-shapes"])
+@pytest.mark.slow
 def test_greedy_tokens_match_hf_generate(world, with_image, cpu_shapes):
     """cpu_shapes False: the TPU/GPU forms (load_hf's default); True: XLA:CPU's (folded query
     groups, unstacked decode layers)."""
@@ -84,6 +85,7 @@ def test_greedy_tokens_match_hf_generate(world, with_image, cpu_shapes):
     np.testing.assert_array_equal(np.asarray(out["tokens"]), ref)
 
 
+@pytest.mark.slow
 def test_sampled_logprobs_and_stopping(world):
     _, config, base = world
     ids, mask, pixels = _prompts(config, with_image=True)
@@ -115,6 +117,7 @@ def test_sampled_logprobs_and_stopping(world):
     assert int(out2["steps"]) == 12 or (~m2[:, -1]).all()
 
 
+@pytest.mark.slow
 def test_stop_sequence_and_adapter(world):
     _, config, base = world
     ids, mask, pixels = _prompts(config, with_image=False)
@@ -189,6 +192,7 @@ def test_sampler_under_a_mesh_with_sharded_weights_and_cache(world):
     np.testing.assert_array_equal(np.asarray(out["tokens"]), single)
 
 
+@pytest.mark.slow
 def test_the_image_placeholder_is_never_sampled(world):
     """Sampled, the placeholder id would be read as an image slot by every later teacher-forced
     pass. With the LM head pushed towards it (the favourite at many steps), greedy and sampled

@@ -8,10 +8,14 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from configs.tiny_ppo import get_config as tiny_ppo
 from configs.tiny_rm import get_config as tiny_rm
 from ppo_helpers import run_config
+
+# Whole pipelines (their fixtures train a toy world): the full suite only (docs/testing.md).
+pytestmark = pytest.mark.slow
 
 
 def _metrics(workdir) -> list[dict]:

@@ -28,6 +28,7 @@ def _rm(batch_size: int, max_length: int):
     return RunSettings.from_config(cfg)
 
 
+@pytest.mark.slow
 def test_tiny_rm_step_compiles_for_v5e_8(v5e_mesh):
     cfg = _rm(16, 128)
     logs: list[str] = []
@@ -39,6 +40,7 @@ def test_tiny_rm_step_compiles_for_v5e_8(v5e_mesh):
     assert report.peak == report.memory["argument"] + report.memory["output"] - report.memory["alias"] + report.temp
 
 
+@pytest.mark.slow
 def test_a_step_that_does_not_fit_is_refused_by_the_compiler(v5e_mesh, capsys):
     """8192 pairs x 2048 tokens of activations on 16 GiB chips: the TPU compiler says no."""
     from scripts.compile_check import main

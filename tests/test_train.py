@@ -41,6 +41,7 @@ def _cfg(workdir, steps, mesh=(1, -1, 1)):
     return cfg
 
 
+@pytest.mark.slow
 def test_same_sft_steps_on_one_device_and_on_8_device_meshes(tmp_path):
     os.chdir(ROOT)
     losses = {}
@@ -59,6 +60,7 @@ def _train_cmd(workdir, steps):
             *(f"--config.optim.{k}={v}" for k, v in SCHEDULE.items())]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_reaches_the_same_losses(tmp_path):
     steps = 8
     env = {**os.environ, "PYTHONPATH": ROOT}  # conftest's matmul precision included

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Logit / hidden-state errors of our models against HF PyTorch on tiny random float32 weights.
 
-  python scripts/parity_report.py        (needs the test extra: torch, peft)
+  python tests/parity_report.py        (needs the test extra: torch, peft)
 
 Prints max |ours - HF| / max |HF| over non-pad tokens for LLaMA (MHA and GQA, left-padded),
 CLIP (every layer, 224- and 336-style geometry), LLaVA (both projectors, a batch mixing
@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 
+# A report beside the tests it shares helpers with (tiny_hf, test_models), not a script.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
