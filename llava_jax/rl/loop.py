@@ -94,6 +94,7 @@ def run_ppo(s: RunSettings) -> dict:
         out["tokens_per_s"] = m["response_length"] * p.rollout_batch / m["step_seconds"]
         return out
 
+    lrs = ppo_setup.update_learning_rates(schedule, 0, steps * p.updates_per_step)  # once: the host's copy
     start = latest or 0
     tail = run_setup.StepTail(s, ckpt, steps=steps, start=start, desc="ppo", bar_loss="score_total", derive=derive)
     with jax.set_mesh(mesh), sharding.activation_rules():  # set_mesh: flax sees the mesh (activation constraints)
@@ -105,8 +106,9 @@ def run_ppo(s: RunSettings) -> dict:
             if judge_captions is not None:
                 metrics["hallucination_rate"] = rollout_hallucination(samples, judge_captions)
             orders = [minibatch_order(s.seed, step, epoch, p.rollout_batch) for epoch in range(p.ppo_epochs)]
-            lrs = ppo_setup.update_learning_rates(schedule, (step - 1) * p.updates_per_step, p.updates_per_step)
-            state, updates = ppo_setup.minibatch_updates(step_fn, state, frozen, rollout, orders, p.step_batch, lrs)
+            first = (step - 1) * p.updates_per_step
+            state, updates = ppo_setup.minibatch_updates(step_fn, state, frozen, rollout, orders, p.step_batch,
+                                                         lrs[first:first + p.updates_per_step])
             sums = functools.reduce(add, updates)  # stays on the device
             if p.adaptive_kl:
                 kl_coef = ppo.adaptive_kl_coef(kl_coef, metrics["kl"], p.target_kl, p.kl_horizon, p.rollout_batch)
