@@ -2,7 +2,7 @@
 
 Everything is abstract: parameters are `jax.eval_shape` trees (no weights), every argument
 is a `ShapeDtypeStruct` carrying its `NamedSharding`, and each step is
-`jax.jit(...).lower(...).compile()`-d for the requested mesh (`compile_report.py` reads
+`jax.jit(...).lower(...).compile()`-d for the requested mesh (`aot/report.py` reads
 the result). The mesh is either a TPU slice's compile-only devices (`targets.py`: the real
 TPU compiler, whose figures and out-of-memory refusals are what the chips will do), a GPU
 host's compile-only devices (`targets.py`: XLA's CUDA compiler for sm_90, which compiles any

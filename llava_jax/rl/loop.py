@@ -1,7 +1,7 @@
 """The PPO loop (`run_ppo`): per PPO step one rollout batch (rollout.py) and `ppo_epochs`
 passes of shuffled minibatch updates (ppo.ppo_step), with checkpoints, metrics and the
-exported policy at the end. The PPO layout is in ppo_setup.py, what it shares with the
-SFT/RM loop in run_setup.py.
+exported policy at the end. The PPO layout is in rl/setup.py, what it shares with the
+SFT/RM loop in train/setup.py.
 
 A PPO step is one rollout batch; checkpoints are taken between steps and hold the
 trainable params (policy adapter, value adapter + head), optimiser state, the KL

@@ -1,4 +1,4 @@
-"""The PPO layout, shared by the PPO loop (ppo_loop.py) and the compile check: the four
+"""The PPO layout, shared by the PPO loop (rl/loop.py) and the compile check: the four
 roles' trees over one or two bases (`roles_trees`), their shardings, the PPO
 hyper-parameters, optimiser, sampling settings, the jitted update and the passes of
 minibatch updates over one rollout (`minibatch_updates`, run by the loop and the benchmarks).

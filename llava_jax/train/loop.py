@@ -1,6 +1,6 @@
-"""The SFT and RM training loop (`run_train`): data, the jitted step from run_setup.py,
+"""The SFT and RM training loop (`run_train`): data, the jitted step from train/setup.py,
 held-out RM evaluation, and the exported model or adapter at the end. The PPO loop is in
-ppo_loop.py; what both share is in run_setup.py.
+rl/loop.py; what both share is in train/setup.py.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""What the SFT/RM loop (train_loop.py), the PPO loop (ppo_loop.py) and the compile check
+"""What the SFT/RM loop (train/loop.py), the PPO loop (rl/loop.py) and the compile check
 share: the model and its trainable split, shardings of params / optimiser state / batches,
 the jitted SFT and RM steps, checkpoint restore, and `StepTail` (what ends every step:
 metrics written one step late, progress, checkpoints, the preemption every host agrees on).
-Each piece of glue exists here once; the PPO-only layout is in ppo_setup.py.
+Each piece of glue exists here once; the PPO-only layout is in rl/setup.py.
 """
 from __future__ import annotations
 
