@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
@@ -90,6 +91,4 @@ class Rollout:
 
 def concat_rows(chunks: list[Rollout]) -> Rollout:
     """The chunks' rows, in order, as one rollout batch."""
-    import jax.numpy as jnp
-
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *chunks)
